@@ -1,0 +1,38 @@
+"""Shared test setup: offline hub, repository root importable, the shared real-data samples."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[var] = "1"
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def shared_data_path() -> Path:
+    """../shared/data beside the repository, or $FEEDBACKALIGN_SHARED_DATA."""
+    return Path(os.environ.get("FEEDBACKALIGN_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real upstream-format samples; required in CI (CI=true), skipped with a reason elsewhere."""
+    path = shared_data_path()
+    if not path.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"shared data not found at {path}: CI must run the real-data tests")
+        pytest.skip(f"shared data not found at {path} (set FEEDBACKALIGN_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from models import load_tokenizer
+
+    return load_tokenizer("tiny")
