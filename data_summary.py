@@ -43,7 +43,8 @@ def summarize(dataset: Dataset, tokenizer, *, max_length: int = 512, max_prompt_
     k_distribution: Counter = Counter()
     prompt_lengths, response_lengths = [], []
     for n, ex in enumerate(dataset):
-        check_example(ex, ex.source or f"dataset '{dataset.name}' example {n}")
+        where = ex.source or f"dataset '{dataset.name}' example {n}"
+        check_example(ex, where)
         counts["generations"] += len(ex.generations)
         counts["pairs"] += len(pairs_of(ex, pair_mode, pair_margin))
         labels = desirable_of(ex, desirable_threshold)
@@ -51,7 +52,7 @@ def summarize(dataset: Dataset, tokenizer, *, max_length: int = 512, max_prompt_
         counts["undesirable"] += sum(d is False for d in labels)
         counts["judged"] += sum(isinstance(j, str) and bool(j.strip()) for j in (ex.judgments or []))
         k_distribution.update(len(idx) for idx, _ in groups_of(ex, n_responses))
-        prompt_ids = encode_prompt(tokenizer, format_prompt(ex.prompt, tokenizer, fmt), special=special)
+        prompt_ids = encode_prompt(tokenizer, format_prompt(ex.prompt, tokenizer, fmt, where), special=special)
         prompt_lengths.append(len(prompt_ids))
         for text in ex.generations:
             response_ids = encode_response(tokenizer, text)

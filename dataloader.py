@@ -33,6 +33,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
+from jinja2 import TemplateError
 
 from feedback import DataError, Dataset, Example, check_finite_scores, desirable_of, groups_of, has_scores, pairs_of
 from models import CONTROL_TOKENS
@@ -76,13 +77,17 @@ def uses_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def format_prompt(turns: list[dict], tokenizer, fmt: PromptFormat = PromptFormat()) -> str:
+def format_prompt(turns: list[dict], tokenizer, fmt: PromptFormat = PromptFormat(), where: str = "prompt") -> str:
     """The prompt text ending where the response starts: the chat template with a generation prompt, else
     user = human_prefix+content+human_suffix, assistant = assistant_prefix+content+assistant_suffix,
     system = system_prefix+content+human_suffix, then the final assistant_prefix (HALOs)."""
     if uses_chat_template(tokenizer):
         clean = [{"role": t["role"], "content": t["content"]} for t in turns]
-        return tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+        try:
+            return tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+        except (TemplateError, ValueError, TypeError) as e:
+            raise DataError(f"{where}: the tokenizer's chat template rejects this prompt ({e}); drop such "
+                            "turns from the data or use a model whose template accepts them") from None
     marks = {"user": (fmt.human_prefix, fmt.human_suffix), "system": (fmt.system_prefix, fmt.human_suffix),
              "assistant": (fmt.assistant_prefix, fmt.assistant_suffix)}
     return "".join(marks[t["role"]][0] + t["content"] + marks[t["role"]][1] for t in turns) + fmt.assistant_prefix
@@ -211,7 +216,8 @@ class DataLoader:
     """Shared machinery: options, item collection, epoch order, sharding, tokenisation cache, resume."""
 
     OPTIONS: dict[str, Any] = {}
-    NEEDS = "generations"
+    NEEDS = "generations"          # what the loss needs, for errors
+    SKIPPED = "examples that give no unit"   # what items_of counts as skipped, for the warning
 
     def __init__(self, datasets: list[Dataset], tokenizer, *, split: str = "train", batch_size: int,
                  gradient_accumulation_steps: int = 1, rank: int = 0, world_size: int = 1, max_length: int = 512,
@@ -230,7 +236,7 @@ class DataLoader:
         self.microbatch_size = self.batch_size // (self.world_size * self.accum)
         self._prompt_ids: dict[tuple[str, bool], tuple[int, ...]] = {}
         self._response_ids: dict[str, tuple[int, ...]] = {}
-        self._prompt_text: dict[int, str] = {}
+        self._prompt_text: dict[int, tuple[Example, str]] = {}
         self._setup()
         self.items = self._collect(datasets)
         self._buckets = self._bucket_items()
@@ -293,13 +299,14 @@ class DataLoader:
                 where = ex.source or f"dataset '{ds.name}' example {k}"
                 check_example(ex, where)
                 new, bad = self.items_of(ex, where)
+                if new:
+                    self.prompt_text(ex)   # format now: a prompt the template rejects fails before training
                 found += new
                 skipped += bad
             if not found:
                 raise DataError(f"{self.name} needs {self.NEEDS}; dataset '{ds.name}' (split {self.split}) has none")
             if skipped:
-                warnings.warn(f"{self.name}: skipped {skipped} generation(s)/example(s) of dataset '{ds.name}' "
-                              f"that give no {self.NEEDS}")
+                warnings.warn(f"{self.name}: skipped {skipped} {self.SKIPPED} in dataset '{ds.name}'")
             items += found
         return items
 
@@ -364,6 +371,8 @@ class DataLoader:
             if key in state and int(state[key]) != value:
                 raise DataError(f"{self.name}: resume state has {key}={state[key]} but this run has {value}; "
                                 "resume with the same datasets, split, seed, batch_size and loader options")
+        if "next_step" not in state:
+            raise DataError(f"{self.name}: resume state has no 'next_step'; pass a dict from state_dict()")
         step = int(state["next_step"])
         if not 0 <= step <= self.total_steps:
             raise DataError(f"{self.name}: resume step {step} is outside this run's {self.total_steps} steps; "
@@ -374,10 +383,11 @@ class DataLoader:
 
     def prompt_text(self, ex: Example) -> str:
         """The formatted inference prompt of an Example (cached)."""
-        key = id(ex)
-        if key not in self._prompt_text:
-            self._prompt_text[key] = format_prompt(ex.prompt, self.tokenizer, self.fmt)
-        return self._prompt_text[key]
+        cached = self._prompt_text.get(id(ex))
+        if cached is None or cached[0] is not ex:
+            cached = self._prompt_text[id(ex)] = (ex, format_prompt(ex.prompt, self.tokenizer, self.fmt,
+                                                                     ex.source or "prompt"))
+        return cached[1]
 
     def prompt_ids(self, text: str, templated: bool) -> tuple[int, ...]:
         key = (text, templated)
@@ -415,6 +425,7 @@ class SFTDataLoader(DataLoader):
     """SFT: one target per Example (sft_index, else best-scored, else chosen/desirable); N = B."""
 
     NEEDS = "an SFT target (sft_index, scores, pairs, desirable labels or unjudged generations)"
+    SKIPPED = "example(s) with no SFT target"
 
     def items_of(self, ex, where):
         target = sft_target(ex) if ex.generations else None
@@ -566,6 +577,7 @@ class JudgmentDataLoader(DataLoader):
 
     OPTIONS = {"weight_unlike": 1.0, "downsample": None, "prompt_template": "chat"}
     NEEDS = "judgments or desirable generations"
+    SKIPPED = "undesirable generation(s) without a judgment text (a CUT negative needs one)"
 
     def _setup(self):
         if self.options["prompt_template"] not in ("chat", "alpaca"):
@@ -610,7 +622,7 @@ class JudgmentDataLoader(DataLoader):
     def _judged_prompt(self, ex: Example, judgment: str) -> str:
         if self.options["prompt_template"] == "alpaca":
             return ALPACA_JUDGE_PROMPT.format(instruction=ex.prompt[0]["content"], judgment=judgment)
-        return format_prompt(with_judgment(ex.prompt, judgment), self.tokenizer, self.fmt)
+        return format_prompt(with_judgment(ex.prompt, judgment), self.tokenizer, self.fmt, ex.source or "prompt")
 
     def collate(self, items):
         templated = self.options["prompt_template"] == "chat" and uses_chat_template(self.tokenizer)

@@ -268,6 +268,11 @@ def _finish(name: str, examples: Iterable[Optional[Example]], skips: Skips) -> D
     return dataset
 
 
+def _names(value) -> list[str]:
+    """A list option that may arrive as one string (or a Hydra ListConfig)."""
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
 def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
@@ -350,7 +355,7 @@ def _hh(split: str, data_dir, subsets: Optional[list[str]], name: str) -> Datase
 
 def get_hh(split: str, data_dir=None, subsets: Optional[list[str]] = None) -> Dataset:
     """All HH-RLHF preference subsets (or `subsets`, e.g. ["helpful-base"])."""
-    return _hh(split, data_dir, list(subsets) if subsets is not None else None, "hh")
+    return _hh(split, data_dir, None if subsets is None else _names(subsets), "hh")
 
 
 def get_hh_helpful(split: str, data_dir=None) -> Dataset:
@@ -406,7 +411,8 @@ def get_shp(split: str, data_dir=None, score_ratio_min: Optional[float] = 2.0,
     """stanfordnlp/SHP (Ethayarajh et al. 2022): pairs with score ratio >= `score_ratio_min`, at most
     `max_pairs_per_prompt` per post (both None to keep all); `domains` picks sub-forum folders."""
     _check_split("shp", split, ("train", "validation", "test"))
-    patterns = [f"{top}/{split}.{ext}" for top in (domains or ["*"]) for ext in ("json", "jsonl", "jsonl.gz")]
+    tops = _names(domains) if domains else ["*"]
+    patterns = [f"{top}/{split}.{ext}" for top in tops for ext in ("json", "jsonl", "jsonl.gz")]
     records, skips = _source("shp", data_dir, split, patterns), Skips("shp")
     dataset = _finish("shp", (shp_example(rec, skips, score_ratio_min) for rec in records), skips)
     dataset.examples = [cap_pairs(ex, max_pairs_per_prompt, seed) for ex in dataset.examples]
@@ -480,14 +486,12 @@ def oasst_examples(messages: dict[str, Message], lang: Optional[str], skips: Ski
     """
     children = defaultdict(list)
     for msg in messages.values():
-        if msg.parent is not None:
-            children[msg.parent].append(msg)
-    wanted = (lambda m: True) if not lang else (lambda m: m.lang == lang)
+        children[msg.parent].append(msg)
     for msg in messages.values():
-        if msg.role != "prompter" or msg.deleted or not wanted(msg):
+        if msg.role != "prompter" or msg.deleted or (lang and msg.lang != lang):
             continue
-        replies = [c for c in children[msg.id] if c.role == "assistant" and not c.deleted and c.rank is not None
-                   and wanted(c)]
+        replies = [c for c in children[msg.id]
+                   if c.role == "assistant" and not c.deleted and c.rank is not None and not (lang and c.lang != lang)]
         for empty in [c for c in replies if not c.text.strip()]:
             skips("ranked repl(ies) with empty text", empty.where)
         replies = [c for c in replies if c.text.strip()]
@@ -547,17 +551,12 @@ def _fine_grained(rec: Record, completion: dict, path: str) -> Optional[float]:
     annotations = _get(rec, completion, "annotations", dict, "an object of aspect ratings", f"{path}.annotations")
     ratings = []
     for aspect in UF_ASPECTS:
-        if aspect not in annotations:
-            continue
         where = f"{path}.annotations.{aspect}"
-        if not isinstance(annotations[aspect], dict):
-            raise rec.fail(where, f"should be an object with a 'Rating', got {type(annotations[aspect]).__name__}")
-        rating = _get(rec, annotations[aspect], "Rating", (str, int, float), "a rating 1-5 or \"N/A\"",
-                      f"{where}.Rating")
-        if rating == "N/A":
-            continue
+        entry = _get(rec, annotations, aspect, dict, "an object with a 'Rating'", where, optional=True)
+        rating = "N/A" if entry is None else _get(rec, entry, "Rating", (str, int, float), 'a rating or "N/A"',
+                                                  f"{where}.Rating")
         try:
-            ratings.append(float(rating))
+            ratings += [] if rating == "N/A" else [float(rating)]
         except ValueError:
             raise rec.fail(f"{where}.Rating", f"is '{rating}': use a number 1-5 or \"N/A\"") from None
     return sum(ratings) / len(ratings) if ratings else None
@@ -637,6 +636,14 @@ def get_ultrabin(split: str, data_dir=None) -> Dataset:
 # ---------------------------------------------------------------- judgments: CUT and Shepherd
 
 
+def _critique(rec: Record, obj: dict, key: str, path: str = "") -> Optional[str]:
+    """A judgment: a non-empty critique string, or None (no fault found)."""
+    text = _text(rec, obj, key, path, optional=True)
+    if text is not None and not text.strip():
+        raise rec.fail(path or key, "is an empty string: write the critique, or null when there is no fault")
+    return text
+
+
 def _judged(prompt: str, response: str, judgment: Optional[str], name: str, rec: Record) -> Example:
     """A single judged response: a critique makes it undesirable, None (no fault) desirable and an SFT target."""
     return Example(prompt=_user(prompt), generations=[response], judgments=[judgment], desirable=[judgment is None],
@@ -651,9 +658,7 @@ def cut_example(rec: Record, skips: Skips) -> Optional[Example]:
     extra = _text(rec, d, "input", optional=True) or ""
     if "judgment" not in d:
         raise rec.fail("judgment", "is missing: give the critique text, or null when the output has no fault")
-    judgment = _text(rec, d, "judgment", optional=True)
-    if judgment is not None and not judgment.strip():
-        raise rec.fail("judgment", "is an empty string: write the critique, or null when the output has no fault")
+    judgment = _critique(rec, d, "judgment")
     score = _number(rec, d, "score", optional=True)
     if score is not None and score >= 7:
         judgment = None
@@ -695,8 +700,7 @@ def get_shepherd(split: str, data_dir=None, test_fraction: float = TEST_FRACTION
 
 # ---------------------------------------------------------------- the user's own file (generic schema)
 
-_PER_RESPONSE = ("scores", "desirable", "judgments")
-_SINGULAR = {"score": "scores", "label": "desirable", "judgment": "judgments"}
+_SINGULAR = {"scores": "score", "desirable": "label", "judgments": "judgment"}  # per-response key -> K=1 key
 
 
 def _generic_prompt(rec: Record) -> list[dict]:
@@ -733,32 +737,25 @@ def _generic_responses(rec: Record) -> tuple[list[str], list[tuple[int, int]], O
 
 
 def _per_response(rec: Record, key: str, k: int) -> Optional[list]:
-    """scores / desirable / judgments: a list with one entry per response (or the singular shorthand when K=1)."""
-    singular = next(s for s, plural in _SINGULAR.items() if plural == key)
-    if singular in rec.data:
-        if key in rec.data or k != 1:
-            raise rec.fail(singular, f"is for a single response: use '{key}' (a list, one per response)")
-        values, path = [rec.data[singular]], singular
+    """scores / desirable / judgments: a list with one entry per response (the singular key when K = 1)."""
+    one = _SINGULAR[key]
+    if one in rec.data and (key in rec.data or k != 1):
+        raise rec.fail(one, f"is for a single response: use '{key}' (a list, one per response)")
+    if one in rec.data:
+        values, paths = [rec.data[one]], [one]
     else:
-        values, path = _get(rec, rec.data, key, list, "a list with one entry per response", optional=True), key
+        values = _get(rec, rec.data, key, list, "a list with one entry per response", optional=True)
         if values is None:
             return None
-    if len(values) != k:
-        raise rec.fail(path, f"has {len(values)} entries but there are {k} responses: give one per response")
-    out = []
-    for i, value in enumerate(values):
-        where = path if path == singular else f"{key}[{i}]"
-        if key == "scores":
-            out.append(_number(rec, {key: value}, key, where))
-        elif key == "desirable":
-            out.append(_get(rec, {key: value}, key, bool, "true, false or null", where, optional=True))
-        elif value is not None and not isinstance(value, str):
-            raise rec.fail(where, f"should be a critique string or null, got {type(value).__name__}")
-        elif value is not None and not value.strip():
-            raise rec.fail(where, "is an empty string: write the critique, or null for no fault")
-        else:
-            out.append(value)
-    return out
+        if len(values) != k:
+            raise rec.fail(key, f"has {len(values)} entries but there are {k} responses: give one per response")
+        paths = [f"{key}[{i}]" for i in range(k)]
+    check = {"scores": _number, "desirable": _flag, "judgments": _critique}[key]
+    return [check(rec, {key: value}, key, path) for value, path in zip(values, paths)]
+
+
+def _flag(rec: Record, obj: dict, key: str, path: str) -> Optional[bool]:
+    return _get(rec, obj, key, bool, "true, false or null", path, optional=True)
 
 
 def generic_example(rec: Record, name: str) -> Example:
@@ -766,7 +763,7 @@ def generic_example(rec: Record, name: str) -> Example:
     prompt = _generic_prompt(rec)
     responses, pairs, sft_index = _generic_responses(rec)
     k = len(responses)
-    feedback = {key: _per_response(rec, key, k) for key in _PER_RESPONSE}
+    feedback = {key: _per_response(rec, key, k) for key in _SINGULAR}
     raw_pairs = _get(rec, rec.data, "pairs", list, "a list of [i, j] index pairs", optional=True)
     if raw_pairs is not None:
         pairs = [_index_pair(rec, p, n, k) for n, p in enumerate(raw_pairs)]
@@ -826,16 +823,14 @@ GETTERS: dict[str, Callable[..., Dataset]] = {
 
 def available_getters() -> dict[str, Callable[..., Dataset]]:
     """GETTERS plus the built-in controlled task (task.get_wordsort) when task.py provides it."""
-    getters = dict(GETTERS)
     try:
         import task
     except ModuleNotFoundError as e:
         if e.name != "task":
             raise
-        return getters
-    if hasattr(task, "get_wordsort"):
-        getters["wordsort"] = task.get_wordsort
-    return getters
+        task = None
+    wordsort = getattr(task, "get_wordsort", None)
+    return dict(GETTERS, **({"wordsort": wordsort} if wordsort else {}))
 
 
 def _file_spec(name: str) -> Optional[tuple[str, str]]:

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(REPO / "config")
-SMALL = ["+dataset_options.wordsort.n_prompts=48", "n_eval_examples=8", "model.eval_batch_size=8",
+SMALL = ["++dataset_options.wordsort.n_prompts=48", "n_eval_examples=8", "model.eval_batch_size=8",
          "model.batch_size=8", "do_first_eval=false", "export_hf=false", "warmup_steps=0"]
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dataloader as dl
+import data_summary
 from data_summary import summarize
 from feedback import DataError, Dataset, Example
 
@@ -80,6 +81,11 @@ def test_chat_template_is_used_when_the_tokenizer_has_one(tiny_tokenizer):
     assert batch["prompts"][0] == "<|user|>question 0?<|assistant|>"
     assert batch["sequences"][0].prompt_ids == tuple(tok("<|user|>question 0?<|assistant|>",
                                                          add_special_tokens=False)["input_ids"])
+    tok.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
+    system = [Example(prompt=[{"role": "system", "content": "s"}, *user("q")], generations=["a"], sft_index=0,
+                      source="sys.jsonl:4")]
+    with pytest.raises(DataError, match="sys.jsonl:4: the tokenizer's chat template rejects .*no system turns"):
+        make(dl.SFTDataLoader, system, tokenizer=tok, batch_size=1)
 
 
 def test_pad_batch_closed_form():
@@ -339,6 +345,14 @@ def test_two_ranks_equal_two_accumulation_steps(tiny_tokenizer):
             a, r = accum[2 * step + micro], ranks[micro][step]
             assert (a["step"], a["micro"], r["step"], r["micro"]) == (step, micro, step, 0)
             assert comparable(a) == comparable(r)                          # same items, same KL partners
+    # 2 ranks x 2 accumulation: chunk c of a global batch is rank c % 2's (c // 2)-th microbatch.
+    common["batch_size"] = 16
+    single = run(make(dl.UnpairedPreferenceDataLoader, data, gradient_accumulation_steps=4, **common))
+    for r in (0, 1):
+        mine = run(make(dl.UnpairedPreferenceDataLoader, data, world_size=2, rank=r, gradient_accumulation_steps=2,
+                        **common))
+        assert [comparable(b) for b in mine] == [comparable(single[4 * s + 2 * m + r])
+                                                 for s in range(2) for m in range(2)]
 
 
 def test_ranks_partition_an_epoch_and_seed_fixes_the_order(tiny_tokenizer):
@@ -403,6 +417,8 @@ def test_bad_settings_raise_clear_errors(tiny_tokenizer):
         make(dl.SFTDataLoader, data, tokenizer=tiny_tokenizer, max_length=64, max_prompt_length=64)
     with pytest.raises(DataError, match="4 items is fewer than one global batch"):
         make(dl.SFTDataLoader, data, tokenizer=tiny_tokenizer, batch_size=8)
+    with pytest.warns(UserWarning, match="microbatches of 1 item pair each prompt with its own response"):
+        make(dl.UnpairedPreferenceDataLoader, data, tokenizer=tiny_tokenizer, batch_size=2, world_size=2)
     with pytest.raises(DataError, match="pair_mode 'random' is unknown"):
         make(dl.PairedPreferenceDataLoader, data, tokenizer=tiny_tokenizer, pair_mode="random")
 
@@ -462,8 +478,6 @@ def test_data_summary_cli_on_real_files(shared_data, capsys):
     assert s["dataset"] == "oasst" and s["prompts"] > 0 and s["pairs"] > 0 and s["generations"] >= 2 * s["prompts"]
     assert sum(s["k_distribution"].values()) > 0 and s["response_tokens"]["max"] > 0
     assert 0 <= s["truncated"] <= s["sequences"] == s["generations"]
-    import data_summary
-
     assert data_summary.main(["--datasets", "no_such_dataset", "--data_dir", str(shared_data)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "no_such_dataset" in err[0]

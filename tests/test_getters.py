@@ -98,6 +98,7 @@ def test_hh_subsets_and_splits():
     helpful = by_prompt(load("hh_helpful")[0])
     assert set(helpful) == {"For how long?", "Hi.\n\nAre you there?"}
     assert all(ex.dataset_name == "hh_helpful" for ex in helpful.values())
+    assert [ex.prompt for ex in load("hh", subsets="harmless-base")[0]] == [[user("How do I pick a lock?")]]
     harmless = load("hh_harmless")[0]
     assert [ex.generations for ex in harmless] == [["I can't help with breaking into places.", "Use a bobby pin."]]
     test = load("hh", "test")[0]  # only helpful-base ships a test file in the fixture
@@ -146,6 +147,7 @@ def test_shp_pair_cap_is_reproducible_and_keeps_only_used_generations():
 def test_shp_splits_and_domains():
     assert [ex.prompt for ex in load("shp", "test")[0]] == [[user("Can I freeze fresh basil?")]]
     assert [ex.prompt for ex in load("shp", domains=["askhr"])[0]] == [[user("How do I ask for a raise?")]]
+    assert [ex.prompt for ex in load("shp", domains="askhr")[0]] == [[user("How do I ask for a raise?")]]
     with pytest.raises(DataError, match=r"shp.*validation\.json"):
         load("shp", "validation")
 
@@ -197,6 +199,17 @@ def test_oasst_tree_export_gives_the_same_examples_as_the_flat_table(tmp_path):
     tree = [ex for split in ("train", "test") for ex in load("oasst", split, tmp_path)[0]]
     view = lambda exs: sorted((json.dumps(e.prompt), e.generations, e.pairs, e.scores) for e in exs)  # noqa: E731
     assert view(tree) == view(flat) and len(flat) == 3
+
+
+def test_oasst_tied_ranks_give_no_pair_between_them(tmp_path):
+    replies = [{"message_id": f"r{n}", "text": text, "role": "assistant", "rank": rank, "lang": "en"}
+               for n, (text, rank) in enumerate([("tie a", 1), ("best", 0), ("tie b", 1)])]
+    tree = {"message_tree_id": "t", "prompt": {"message_id": "q", "text": "Question?", "role": "prompter",
+                                               "lang": "en", "replies": replies}}
+    write_jsonl(tmp_path / "oasst" / "trees.jsonl", [tree])
+    [ex] = load("oasst", data_dir=tmp_path, test_fraction=0.0)[0].examples
+    assert ex.generations == ["best", "tie a", "tie b"] and ex.scores == [0.0, -1.0, -1.0]
+    assert ex.pairs == [(0, 1), (0, 2)]
 
 
 def test_oasst_rows_loaded_by_datasets_parse_like_local_files(tmp_path):

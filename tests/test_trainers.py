@@ -45,21 +45,32 @@ def test_infonca_at_step_zero_is_log_k(tmp_path):
     assert value.item() == pytest.approx(math.log(batch["rewards"].shape[1]), rel=1e-5)
 
 
+def margin(metrics):
+    """Chosen minus rejected implicit reward (paired/K-wise losses report margins; KTO reports both sides)."""
+    if "rewards/margins" in metrics:
+        return metrics["rewards/margins"].mean().item()
+    if "rewards/chosen" in metrics and "rewards/rejected" in metrics:
+        return (metrics["rewards/chosen"].mean() - metrics["rewards/rejected"].mean()).item()
+    return None
+
+
 @pytest.mark.parametrize("loss", ALL_LOSSES)
 def test_each_loss_learns_on_its_real_loader(tmp_path, loss):
-    """A few steps over a small fixed set lower the loss on a held batch (and widen margins where defined)."""
-    trainer = make_trainer(tmp_path, f"loss={loss}", "n_epochs=3", "lr=3e-3", "+dataset_options.wordsort.seed=1")
+    """Steps over a small fixed set lower the loss on a held batch (KTO: widen the desirable-undesirable
+    reward gap, since its loss moves with z0) and widen the chosen-rejected margin where one is defined."""
+    trainer = make_trainer(tmp_path, f"loss={loss}", "n_epochs=2", "lr=3e-3", "++dataset_options.wordsort.n_prompts=24")
     batch = next(iter(trainer.train_loader))
     with torch.no_grad():
         before, before_metrics = loss_on(trainer, batch)
-    for i, step_batch in enumerate(trainer.train_loader):
+    for step_batch in trainer.train_loader:
         trainer.train_step([step_batch])
     with torch.no_grad():
         after, after_metrics = loss_on(trainer, batch)
     assert torch.isfinite(after)
-    assert after.item() < before.item()
-    if "rewards/margins" in before_metrics:
-        assert after_metrics["rewards/margins"].mean() > before_metrics["rewards/margins"].mean()
+    if loss != "kto":
+        assert after.item() < before.item()
+    if margin(before_metrics) is not None:
+        assert margin(after_metrics) > margin(before_metrics)
 
 
 @pytest.mark.parametrize("loss", ["dpo", "sft", "nca"])
