@@ -571,8 +571,9 @@ class JudgmentDataLoader(DataLoader):
     row B+i = plain prompt + the identical response ids; a positive (no judgment / desirable) gives the plain
     sequence in both rows. `weight_unlike` (B,): -1 for positives, the option for negatives (as CUT's data).
     Generations without judgments use desirable_of: desirable -> positive; undesirable without a judgment
-    text cannot be a CUT negative and is skipped (counted in a warning). `downsample` keeps that fraction of
-    the positives (chosen once from the seed; None keeps all). prompt_template: alpaca = CUT's templates
+    text cannot be a CUT negative and is skipped (counted in a warning). `downsample` keeps
+    int(downsample x #negatives) positives, chosen once from the seed (CUT's finetune_unlikelihood.py: positives
+    are sampled relative to the judged negatives; None keeps all). prompt_template: alpaca = CUT's templates
     (single-turn prompts), chat = the loader's format with the judgment appended to the last user turn."""
 
     OPTIONS = {"weight_unlike": 1.0, "downsample": None, "prompt_template": "chat"}
@@ -584,8 +585,9 @@ class JudgmentDataLoader(DataLoader):
             raise DataError(f"{self.name}: prompt_template '{self.options['prompt_template']}' is unknown; "
                             "use chat or alpaca")
         d = self.options["downsample"]
-        if d is not None and not 0 <= float(d) <= 1:
-            raise DataError(f"{self.name}: downsample is the fraction of positives kept, in [0, 1]; got {d}")
+        if d is not None and not float(d) >= 0:
+            raise DataError(f"{self.name}: downsample is the number of positives kept per judged negative "
+                            f"(>= 0); got {d}")
 
     def items_of(self, ex, where):
         if self.options["prompt_template"] == "alpaca":
@@ -610,7 +612,8 @@ class JudgmentDataLoader(DataLoader):
         positives = [n for n, it in enumerate(items) if it.judgment is None]
         if self.options["downsample"] is None:
             return items
-        keep = int(len(positives) * float(self.options["downsample"]))
+        negatives = len(items) - len(positives)
+        keep = min(len(positives), int(negatives * float(self.options["downsample"])))
         kept = set(self._rng(0, 1).choice(positives, size=keep, replace=False).tolist()) if keep else set()
         return [it for n, it in enumerate(items) if it.judgment is not None or n in kept]
 

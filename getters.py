@@ -9,20 +9,18 @@ Known upstream oddities are skipped with one `SkippedRecordsWarning` per rule; m
 
 from __future__ import annotations
 
-import gzip
 import inspect
 import itertools
-import json
 import math
 import random
 import re
-import warnings
-import zlib
 from collections import defaultdict, namedtuple
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 from feedback import DataError, Dataset, Example, in_test_split, merge_by_prompt
+from records import (Record, Skips, SkippedRecordsWarning, get_field, hub_records, nonempty_text,  # noqa: F401
+                     number_field, read_file, short_repr, text_field, turns_field)
 
 DATA_FOLDERS = {  # name -> folder under data_dir
     "hh": "hh_rlhf", "hh_helpful": "hh_rlhf", "hh_harmless": "hh_rlhf", "shp": "shp", "oasst": "oasst",
@@ -34,193 +32,7 @@ HUB_IDS = {
     "ultrafeedback": "openbmb/UltraFeedback", "ultrabin": "HuggingFaceH4/ultrafeedback_binarized",
 }
 DATA_SUFFIXES = ("*.jsonl", "*.jsonl.gz", "*.json", "*.parquet")
-ROLES = ("system", "user", "assistant")
 TEST_FRACTION = 0.05  # held-out share for sources that ship no test split (feedback.in_test_split)
-
-
-class SkippedRecordsWarning(UserWarning):
-    """Upstream records left out by a documented rule (one warning per rule, with the count)."""
-
-
-# ---------------------------------------------------------------- records and their errors
-
-
-class Record:
-    """One upstream record and where it came from, so every error names the file, the record and the field."""
-
-    def __init__(self, data, origin: str, number: int, unit: str):
-        self.origin, self.number, self.unit = origin, number, unit
-        if not isinstance(data, dict):
-            raise DataError(f"{self.where}: expected a JSON object, got {type(data).__name__}: one record per line")
-        self.data = data
-
-    @property
-    def where(self) -> str:
-        return f"{self.origin}, {self.unit} {self.number}"
-
-    @property
-    def source(self) -> str:
-        return f"{self.origin}:{self.number}"
-
-    def fail(self, field: str, problem: str) -> DataError:
-        return DataError(f"{self.where}: field '{field}' {problem}")
-
-
-def _get(rec: Record, obj: dict, key: str, types, what: str, path: str = "", optional: bool = False):
-    """obj[key] checked against `types`; a missing or wrong-typed value raises naming record and field."""
-    path = path or key
-    if key not in obj or (optional and obj[key] is None):
-        if optional:
-            return None
-        raise rec.fail(path, f"is missing: add {what}")
-    value = obj[key]
-    if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
-        raise rec.fail(path, f"should be {what}, got {type(value).__name__} {_short(value)}")
-    return value
-
-
-def _short(value) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _text(rec: Record, obj: dict, key: str, path: str = "", optional: bool = False) -> Optional[str]:
-    return _get(rec, obj, key, str, "a string", path, optional)
-
-
-def _number(rec: Record, obj: dict, key: str, path: str = "", optional: bool = False) -> Optional[float]:
-    """A finite number (int or float, not bool); NaN or inf raises."""
-    value = _get(rec, obj, key, (int, float), "a number", path, optional)
-    if value is not None and not math.isfinite(value):
-        raise rec.fail(path or key, f"is {value}: scores must be finite numbers")
-    return None if value is None else float(value)
-
-
-def _nonempty(rec: Record, path: str, text: str) -> str:
-    if not text.strip():
-        raise rec.fail(path, "is empty: every prompt and response needs text")
-    return text
-
-
-def _turns(rec: Record, obj: dict, key: str) -> list[dict]:
-    """A chat as a list of {"role", "content"} turns (roles system/user/assistant)."""
-    turns = _get(rec, obj, key, list, "a list of {role, content} turns")
-    if not turns:
-        raise rec.fail(key, "is an empty list: give at least one turn")
-    out = []
-    for i, turn in enumerate(turns):
-        where = f"{key}[{i}]"
-        if not isinstance(turn, dict):
-            raise rec.fail(where, f"should be a {{role, content}} object, got {type(turn).__name__}")
-        role = _text(rec, turn, "role", f"{where}.role")
-        if role not in ROLES:
-            raise rec.fail(f"{where}.role", f"is '{role}': use one of {', '.join(ROLES)}")
-        out.append({"role": role, "content": _text(rec, turn, "content", f"{where}.content")})
-    return out
-
-
-class Skips:
-    """Counts records skipped by each rule and warns once per rule (count + first place)."""
-
-    def __init__(self, name: str):
-        self.name, self.counts, self.first = name, {}, {}
-
-    def __call__(self, rule: str, where: str) -> None:
-        self.counts[rule] = self.counts.get(rule, 0) + 1
-        self.first.setdefault(rule, where)
-
-    def warn(self) -> None:
-        for rule, n in self.counts.items():
-            warnings.warn(f"{self.name}: skipped {n} {rule} (first: {self.first[rule]})", SkippedRecordsWarning, 3)
-
-
-# ---------------------------------------------------------------- reading files and the hub
-
-
-def read_file(path: Path) -> Iterator[Record]:
-    """Records of one local file: JSON Lines (.jsonl, .jsonl.gz, or a .json holding one object per line),
-    a JSON array (a .json starting with '['), or Parquet. Numbers are 1-based lines / items / rows."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file: check the path (and data_dir)")
-    if path.name.endswith(".parquet"):
-        return _parquet_records(path)
-    if path.name.endswith(".json") and _first_byte(path) == b"[":
-        return _array_records(path)
-    return _line_records(path)
-
-
-def _open(path: Path):
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
-
-
-def _first_byte(path: Path) -> bytes:
-    try:
-        with _open(path) as f:
-            return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: cannot be read ({e}): re-download or re-compress the file") from None
-
-
-def _json(raw: bytes, where: str, whole_file: bool = False):
-    """Strict UTF-8 + JSON; either failure is one DataError (for a whole file, naming the line)."""
-    try:
-        text = raw.decode("utf-8").lstrip("\ufeff")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        place = f"{where}, line {line}" if whole_file else where
-        raise DataError(f"{place}: not valid UTF-8 (byte {raw[e.start]:#04x}): re-save the file as UTF-8") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        place = f"{where}, line {e.lineno}" if whole_file else where
-        raise DataError(f"{place}: malformed JSON ({e.msg} at column {e.colno}): fix or remove it") from None
-
-
-def _line_records(path: Path) -> Iterator[Record]:
-    number = 0
-    try:
-        with _open(path) as f:
-            for number, raw in enumerate(f, 1):
-                if raw.strip():
-                    yield Record(_json(raw, f"{path}, line {number}"), str(path), number, "line")
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: cannot be read after line {number} ({e}): re-download the file") from None
-
-
-def _array_records(path: Path) -> Iterator[Record]:
-    with _open(path) as f:
-        items = _json(f.read(), str(path), whole_file=True)
-    if not isinstance(items, list):
-        raise DataError(f"{path}: expected a JSON array of records or one JSON object per line")
-    for number, item in enumerate(items, 1):
-        yield Record(item, str(path), number, "record")
-
-
-def _parquet_records(path: Path) -> Iterator[Record]:
-    try:
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e}): re-download it") from None
-    for number, row in enumerate(rows, 1):
-        yield Record(row, str(path), number, "row")
-
-
-def hub_records(hub_id: str, split: str, **kwargs) -> Iterator[Record]:
-    """Rows of a hub dataset via `datasets.load_dataset`, as Records for the same parsers as local files."""
-    try:
-        import datasets
-
-        rows = datasets.load_dataset(hub_id, split=split, **kwargs)
-    except Exception as e:  # offline, unknown id or split, network: all end in one clear line
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DataError(f"could not load {hub_id} (split {split}) from the Hugging Face hub: {reason}. Offline? "
-                        f"Download the upstream files and pass data_dir (layout: docs/data_formats.md)") from None
-    origin = f"{hub_id}[{split}]"
-    for number, row in enumerate(rows, 1):
-        yield Record(row, origin, number, "row")
 
 
 def _folder(name: str, data_dir) -> Path:
@@ -319,7 +131,7 @@ def parse_hh_dialogue(text: str) -> Optional[tuple[list[dict], str]]:
 
 def hh_example(rec: Record, name: str, skips: Skips) -> Optional[Example]:
     """{chosen, rejected} whole dialogues -> shared history as the prompt, pairs [(0, 1)], sft_index 0."""
-    chosen, rejected = _text(rec, rec.data, "chosen"), _text(rec, rec.data, "rejected")
+    chosen, rejected = text_field(rec, rec.data, "chosen"), text_field(rec, rec.data, "rejected")
     c, r = parse_hh_dialogue(chosen), parse_hh_dialogue(rejected)
     if chosen == rejected or (c and r and c[1] == r[1]):
         return skips("record(s) whose chosen and rejected responses are identical", rec.where)
@@ -374,11 +186,11 @@ def get_hh_harmless(split: str, data_dir=None) -> Dataset:
 def shp_example(rec: Record, skips: Skips, score_ratio_min: Optional[float]) -> Optional[Example]:
     """One SHP comparison: prompt = history, labels == 1 means human_ref_A is preferred."""
     d = rec.data
-    history, a, b = _text(rec, d, "history"), _text(rec, d, "human_ref_A"), _text(rec, d, "human_ref_B")
-    label = _get(rec, d, "labels", int, "1 (A preferred) or 0 (B preferred)")
+    history, a, b = text_field(rec, d, "history"), text_field(rec, d, "human_ref_A"), text_field(rec, d, "human_ref_B")
+    label = get_field(rec, d, "labels", int, "1 (A preferred) or 0 (B preferred)")
     if label not in (0, 1):
         raise rec.fail("labels", f"is {label}: use 1 (A preferred) or 0 (B preferred)")
-    score_a, score_b = _number(rec, d, "score_A"), _number(rec, d, "score_B")
+    score_a, score_b = number_field(rec, d, "score_A"), number_field(rec, d, "score_B")
     if not (history.strip() and a.strip() and b.strip()):
         return skips("record(s) with an empty history or comment", rec.where)
     if a == b:
@@ -428,19 +240,19 @@ Message = namedtuple("Message", "id parent role text lang rank deleted where")
 
 def _message(rec: Record, obj: dict, parent: Optional[str], path: str) -> Message:
     at = (lambda key: f"{path}.{key}") if path else (lambda key: key)
-    role = _text(rec, obj, "role", at("role"))
+    role = text_field(rec, obj, "role", at("role"))
     if role not in ("prompter", "assistant"):
         raise rec.fail(at("role"), f"is '{role}': OASST roles are prompter and assistant")
-    rank = _get(rec, obj, "rank", (int, float), "an integer rank (0 = best) or null", at("rank"), optional=True)
+    rank = get_field(rec, obj, "rank", (int, float), "an integer rank (0 = best) or null", at("rank"), optional=True)
     if isinstance(rank, float):
         if math.isnan(rank):
             rank = None
         elif not rank.is_integer():
             raise rec.fail(at("rank"), f"is {rank}: ranks are whole numbers (0 = best)")
-    parent = _text(rec, obj, "parent_id", at("parent_id"), optional=True) if parent is None else parent
-    return Message(_text(rec, obj, "message_id", at("message_id")), parent, role, _text(rec, obj, "text", at("text")),
-                   _text(rec, obj, "lang", at("lang"), optional=True), None if rank is None else int(rank),
-                   bool(_get(rec, obj, "deleted", bool, "true or false", at("deleted"), optional=True)), rec.source)
+    parent = text_field(rec, obj, "parent_id", at("parent_id"), optional=True) if parent is None else parent
+    return Message(text_field(rec, obj, "message_id", at("message_id")), parent, role, text_field(rec, obj, "text", at("text")),
+                   text_field(rec, obj, "lang", at("lang"), optional=True), None if rank is None else int(rank),
+                   bool(get_field(rec, obj, "deleted", bool, "true or false", at("deleted"), optional=True)), rec.source)
 
 
 def _walk_tree(rec: Record, obj, parent: Optional[str], path: str, out: dict) -> None:
@@ -448,7 +260,7 @@ def _walk_tree(rec: Record, obj, parent: Optional[str], path: str, out: dict) ->
         raise rec.fail(path, f"should be a message object, got {type(obj).__name__}")
     msg = _message(rec, obj, parent, path)
     out[msg.id] = msg
-    replies = _get(rec, obj, "replies", list, "a list of reply messages", f"{path}.replies", optional=True) or []
+    replies = get_field(rec, obj, "replies", list, "a list of reply messages", f"{path}.replies", optional=True) or []
     for i, reply in enumerate(replies):
         _walk_tree(rec, reply, msg.id, f"{path}.replies[{i}]", out)
 
@@ -548,12 +360,12 @@ UF_ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
 
 def _fine_grained(rec: Record, completion: dict, path: str) -> Optional[float]:
     """Mean of the numeric aspect ratings ("N/A" left out), as UltraFeedback's fine-grained_score."""
-    annotations = _get(rec, completion, "annotations", dict, "an object of aspect ratings", f"{path}.annotations")
+    annotations = get_field(rec, completion, "annotations", dict, "an object of aspect ratings", f"{path}.annotations")
     ratings = []
     for aspect in UF_ASPECTS:
         where = f"{path}.annotations.{aspect}"
-        entry = _get(rec, annotations, aspect, dict, "an object with a 'Rating'", where, optional=True)
-        rating = "N/A" if entry is None else _get(rec, entry, "Rating", (str, int, float), 'a rating or "N/A"',
+        entry = get_field(rec, annotations, aspect, dict, "an object with a 'Rating'", where, optional=True)
+        rating = "N/A" if entry is None else get_field(rec, entry, "Rating", (str, int, float), 'a rating or "N/A"',
                                                   f"{where}.Rating")
         try:
             ratings += [] if rating == "N/A" else [float(rating)]
@@ -565,15 +377,15 @@ def _fine_grained(rec: Record, completion: dict, path: str) -> Optional[float]:
 def ultrafeedback_example(rec: Record, score: str, skips: Skips) -> Optional[Example]:
     """One instruction with its K completions as scalar rewards (Cui et al. 2023): `overall_score`, or the
     mean fine-grained aspect rating when score="fine_grained"; sft_index = the best-scored completion."""
-    instruction = _text(rec, rec.data, "instruction")
-    completions = _get(rec, rec.data, "completions", list, "a list of completions")
+    instruction = text_field(rec, rec.data, "instruction")
+    completions = get_field(rec, rec.data, "completions", list, "a list of completions")
     generations, scores = [], []
     for i, completion in enumerate(completions):
         path = f"completions[{i}]"
         if not isinstance(completion, dict):
             raise rec.fail(path, f"should be a completion object, got {type(completion).__name__}")
-        response = _text(rec, completion, "response", f"{path}.response")
-        value = (_number(rec, completion, "overall_score", f"{path}.overall_score") if score == "overall"
+        response = text_field(rec, completion, "response", f"{path}.response")
+        value = (number_field(rec, completion, "overall_score", f"{path}.overall_score") if score == "overall"
                  else _fine_grained(rec, completion, path))
         if not response.strip():
             skips("completion(s) with an empty response", rec.where)
@@ -607,12 +419,12 @@ def get_ultrafeedback(split: str, data_dir=None, score: str = "overall",
 def ultrabin_example(rec: Record, skips: Skips) -> Optional[Example]:
     """chosen/rejected message lists -> prompt = turns before the final one, pairs [(0, 1)], scores
     [score_chosen, score_rejected], sft_index 0 (Tunstall et al. 2023)."""
-    chosen, rejected = _turns(rec, rec.data, "chosen"), _turns(rec, rec.data, "rejected")
-    scores = [_number(rec, rec.data, "score_chosen"), _number(rec, rec.data, "score_rejected")]
+    chosen, rejected = turns_field(rec, rec.data, "chosen"), turns_field(rec, rec.data, "rejected")
+    scores = [number_field(rec, rec.data, "score_chosen"), number_field(rec, rec.data, "score_rejected")]
     for key, turns in (("chosen", chosen), ("rejected", rejected)):
         if turns[-1]["role"] != "assistant":
             raise rec.fail(f"{key}[{len(turns) - 1}].role", "should be 'assistant': the last turn is the response")
-    prompt = chosen[:-1] or _user(_nonempty(rec, "prompt", _text(rec, rec.data, "prompt")))
+    prompt = chosen[:-1] or _user(nonempty_text(rec, "prompt", text_field(rec, rec.data, "prompt")))
     if rejected[:-1] and rejected[:-1] != chosen[:-1]:
         return skips("record(s) whose chosen and rejected conversations differ before the final turn", rec.where)
     c, r = chosen[-1]["content"], rejected[-1]["content"]
@@ -638,7 +450,7 @@ def get_ultrabin(split: str, data_dir=None) -> Dataset:
 
 def _critique(rec: Record, obj: dict, key: str, path: str = "") -> Optional[str]:
     """A judgment: a non-empty critique string, or None (no fault found)."""
-    text = _text(rec, obj, key, path, optional=True)
+    text = text_field(rec, obj, key, path, optional=True)
     if text is not None and not text.strip():
         raise rec.fail(path or key, "is an empty string: write the critique, or null when there is no fault")
     return text
@@ -654,12 +466,12 @@ def cut_example(rec: Record, skips: Skips) -> Optional[Example]:
     """CUT's Alpaca-format record (Xu et al. 2023): prompt = instruction + "\\n" + input (as CUT joins them);
     `judgment` null = no fault; a `score` >= 7 also means no fault (CUT's rule)."""
     d = rec.data
-    instruction, output = _text(rec, d, "instruction"), _text(rec, d, "output")
-    extra = _text(rec, d, "input", optional=True) or ""
+    instruction, output = text_field(rec, d, "instruction"), text_field(rec, d, "output")
+    extra = text_field(rec, d, "input", optional=True) or ""
     if "judgment" not in d:
         raise rec.fail("judgment", "is missing: give the critique text, or null when the output has no fault")
     judgment = _critique(rec, d, "judgment")
-    score = _number(rec, d, "score", optional=True)
+    score = number_field(rec, d, "score", optional=True)
     if score is not None and score >= 7:
         judgment = None
     if not instruction.strip() or not output.strip():
@@ -670,7 +482,7 @@ def cut_example(rec: Record, skips: Skips) -> Optional[Example]:
 def shepherd_example(rec: Record, skips: Skips) -> Optional[Example]:
     """Shepherd human critique (Wang et al. 2023): question -> answer, undesirable, judgment = feedback."""
     d = rec.data
-    question, answer, feedback = _text(rec, d, "question"), _text(rec, d, "answer"), _text(rec, d, "feedback")
+    question, answer, feedback = text_field(rec, d, "question"), text_field(rec, d, "answer"), text_field(rec, d, "feedback")
     if not (question.strip() and answer.strip() and feedback.strip()):
         return skips("record(s) with an empty question, answer or feedback", rec.where)
     return _judged(question, answer, feedback, "shepherd", rec)
@@ -705,12 +517,12 @@ _SINGULAR = {"scores": "score", "desirable": "label", "judgments": "judgment"}  
 
 def _generic_prompt(rec: Record) -> list[dict]:
     if isinstance(rec.data.get("prompt"), list):
-        turns = _turns(rec, rec.data, "prompt")
+        turns = turns_field(rec, rec.data, "prompt")
         for i, turn in enumerate(turns):
-            _nonempty(rec, f"prompt[{i}].content", turn["content"])
+            nonempty_text(rec, f"prompt[{i}].content", turn["content"])
         return turns
-    prompt = _get(rec, rec.data, "prompt", str, "a string or a list of {role, content} turns")
-    return _user(_nonempty(rec, "prompt", prompt))
+    prompt = get_field(rec, rec.data, "prompt", str, "a string or a list of {role, content} turns")
+    return _user(nonempty_text(rec, "prompt", prompt))
 
 
 def _generic_responses(rec: Record) -> tuple[list[str], list[tuple[int, int]], Optional[int]]:
@@ -722,17 +534,17 @@ def _generic_responses(rec: Record) -> tuple[list[str], list[tuple[int, int]], O
         raise rec.fail("responses", f"{problem}: give exactly one of 'responses' (a list), 'chosen' + 'rejected', "
                                     f"or 'response'")
     if forms[0] == "chosen":
-        texts = [_nonempty(rec, k, _text(rec, d, k)) for k in ("chosen", "rejected")]
+        texts = [nonempty_text(rec, k, text_field(rec, d, k)) for k in ("chosen", "rejected")]
         return texts, [(0, 1)], 0
     if forms[0] == "response":
-        return [_nonempty(rec, "response", _text(rec, d, "response"))], [], None
-    items = _get(rec, d, "responses", list, "a list of response strings")
+        return [nonempty_text(rec, "response", text_field(rec, d, "response"))], [], None
+    items = get_field(rec, d, "responses", list, "a list of response strings")
     if not items:
         raise rec.fail("responses", "is an empty list: give at least one response")
     for i, item in enumerate(items):
         if not isinstance(item, str):
             raise rec.fail(f"responses[{i}]", f"should be a string, got {type(item).__name__}")
-        _nonempty(rec, f"responses[{i}]", item)
+        nonempty_text(rec, f"responses[{i}]", item)
     return list(items), [], None
 
 
@@ -744,18 +556,18 @@ def _per_response(rec: Record, key: str, k: int) -> Optional[list]:
     if one in rec.data:
         values, paths = [rec.data[one]], [one]
     else:
-        values = _get(rec, rec.data, key, list, "a list with one entry per response", optional=True)
+        values = get_field(rec, rec.data, key, list, "a list with one entry per response", optional=True)
         if values is None:
             return None
         if len(values) != k:
             raise rec.fail(key, f"has {len(values)} entries but there are {k} responses: give one per response")
         paths = [f"{key}[{i}]" for i in range(k)]
-    check = {"scores": _number, "desirable": _flag, "judgments": _critique}[key]
+    check = {"scores": number_field, "desirable": _flag, "judgments": _critique}[key]
     return [check(rec, {key: value}, key, path) for value, path in zip(values, paths)]
 
 
 def _flag(rec: Record, obj: dict, key: str, path: str) -> Optional[bool]:
-    return _get(rec, obj, key, bool, "true, false or null", path, optional=True)
+    return get_field(rec, obj, key, bool, "true, false or null", path, optional=True)
 
 
 def generic_example(rec: Record, name: str) -> Example:
@@ -764,10 +576,10 @@ def generic_example(rec: Record, name: str) -> Example:
     responses, pairs, sft_index = _generic_responses(rec)
     k = len(responses)
     feedback = {key: _per_response(rec, key, k) for key in _SINGULAR}
-    raw_pairs = _get(rec, rec.data, "pairs", list, "a list of [i, j] index pairs", optional=True)
+    raw_pairs = get_field(rec, rec.data, "pairs", list, "a list of [i, j] index pairs", optional=True)
     if raw_pairs is not None:
         pairs = [_index_pair(rec, p, n, k) for n, p in enumerate(raw_pairs)]
-    index = _get(rec, rec.data, "sft_index", int, "a response index", optional=True)
+    index = get_field(rec, rec.data, "sft_index", int, "a response index", optional=True)
     if index is not None and not 0 <= index < k:
         raise rec.fail("sft_index", f"is {index}: it must index the {k} responses (0-based)")
     if index is None and sft_index is None and k == 1 and feedback["desirable"] != [False] \
@@ -782,7 +594,7 @@ def _index_pair(rec: Record, pair, n: int, k: int) -> tuple[int, int]:
     ok = (isinstance(pair, list) and len(pair) == 2
           and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < k for i in pair) and pair[0] != pair[1])
     if not ok:
-        raise rec.fail(f"pairs[{n}]", f"is {_short(pair)}: give [i, j] with i preferred over j, two different "
+        raise rec.fail(f"pairs[{n}]", f"is {short_repr(pair)}: give [i, j] with i preferred over j, two different "
                                       f"0-based indices of the {k} responses")
     return pair[0], pair[1]
 

@@ -309,20 +309,23 @@ def test_judgment_alpaca_templates_and_identical_truncated_responses(tiny_tokeni
         make(dl.JudgmentDataLoader, multi, tokenizer=tiny_tokenizer, batch_size=1, prompt_template="alpaca")
 
 
-def test_judgment_downsample_keeps_that_fraction_of_positives(tiny_tokenizer):
+def test_judgment_downsample_keeps_positives_in_proportion_to_negatives(tiny_tokenizer):
+    """CUT's rule: int(downsample x #negatives) positives are kept, never more than exist."""
     examples = [Example(prompt=user(f"p{k}"), generations=[f"a{k}"], judgments=[None], source=f"pos:{k}")
                 for k in range(8)]
     examples += [Example(prompt=user(f"n{k}"), generations=[f"b{k}"], judgments=["bad"], source=f"neg:{k}")
-                 for k in range(2)]
+                 for k in range(4)]
 
-    def kept(seed):
+    def kept(seed, downsample):
         loader = make(dl.JudgmentDataLoader, examples, tokenizer=tiny_tokenizer, batch_size=2, seed=seed,
-                      downsample=0.25)
+                      downsample=downsample)
         return sorted(it.example.source for it in loader.items)
 
-    assert len([s for s in kept(0) if s.startswith("pos")]) == 2           # 8 x 0.25
-    assert len([s for s in kept(0) if s.startswith("neg")]) == 2           # negatives are all kept
-    assert kept(0) == kept(0)
+    assert len([s for s in kept(0, 0.5) if s.startswith("pos")]) == 2      # int(4 x 0.5)
+    assert len([s for s in kept(0, 0.5) if s.startswith("neg")]) == 4      # negatives are all kept
+    assert len([s for s in kept(0, 5.0) if s.startswith("pos")]) == 8      # capped at the 8 positives
+    assert kept(0, 0.5) == kept(0, 0.5)
+    assert any(kept(seed, 0.5) != kept(0, 0.5) for seed in range(1, 6))
     with pytest.raises(DataError, match="JudgmentDataLoader needs natural-language judgments"):
         make(dl.JudgmentDataLoader, examples[:8], tokenizer=tiny_tokenizer, batch_size=2)
 
