@@ -3,7 +3,9 @@
 FSDP2 (`torch.distributed.fsdp.fully_shard`) shards each decoder block, then the whole model. On GPU the
 parameters compute in bf16 with fp32 gradient reduction (MixedPrecisionPolicy). CPU has no
 sync_module_states, so rank 0's weights are broadcast before sharding (../shared/notes/environment.md).
-The reference model is sharded the same way and never gets gradients or optimizer state.
+The reference model is sharded the same way and never gets gradients or optimizer state. Parameters outside
+FSDP (PPO's value head; every parameter with use_fsdp=false) get their gradients averaged by hand, as FSDP's
+reduce-scatter averages the sharded ones.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from feedback import DataError
 
 
 def world_from_env() -> tuple[int, int, int] | None:
@@ -55,23 +59,31 @@ def broadcast_parameters(model: torch.nn.Module) -> None:
 
 
 def decoder_blocks(model: torch.nn.Module, block_name: str | None) -> list[torch.nn.Module]:
-    """Modules to shard one by one: instances of `block_name`, else the usual `*.layers` ModuleList."""
+    """Modules to shard one by one: instances of `block_name`, else the first non-empty ModuleList (`*.layers`)."""
     if block_name:
         blocks = [m for m in model.modules() if type(m).__name__ == block_name]
-        if blocks:
-            return blocks
+        if not blocks:
+            raise DataError(f"model.block_name={block_name} matches no module of this model; set it to the decoder "
+                            "layer class (e.g. LlamaDecoderLayer) or null to shard model.layers")
+        return blocks
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
             return list(module)
+    warnings.warn("no decoder blocks found: FSDP2 shards the whole model as one unit (set model.block_name)")
     return []
 
 
 def shard(model: torch.nn.Module, device: torch.device, block_name: str | None, mixed_precision: bool,
           reshard_after_forward: bool = True) -> torch.nn.Module:
-    """fully_shard each decoder block, then the root (FSDP2)."""
+    """FSDP2: fully_shard each decoder block, then the root. Mixed precision = bf16 compute, fp32 reduction.
+
+    A frozen model (the reference) is sharded the same way; it has no gradients, so nothing is reduced."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # our forwards never modify a model output in place (logprobs.py gathers copies), so FSDP2's view warning
+    # about PPO's hidden states is noise
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mixed_precision:
@@ -82,8 +94,34 @@ def shard(model: torch.nn.Module, device: torch.device, block_name: str | None, 
     return model
 
 
+def is_sharded(model: torch.nn.Module | None) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def average_gradients(params, world_size: int) -> None:
+    """Mean of each gradient over ranks, for parameters FSDP does not manage (value head; use_fsdp=false).
+
+    FSDP2's reduce-scatter averages the same way, so every parameter sees the mean of per-rank gradients."""
+    if world_size <= 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world_size)
+
+
+def local_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a (replicated) DTensor, e.g. clip_grad_norm_'s total norm under FSDP2."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def enable_activation_checkpointing(model) -> None:
-    if hasattr(model, "gradient_checkpointing_enable"):
+    """Recompute each block's activations in backward (non-reentrant, so frozen inputs and LoRA work)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         warnings.warn("activation checkpointing requested but the model has no gradient_checkpointing_enable")

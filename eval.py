@@ -3,30 +3,50 @@
     python eval.py --config-path=<run_dir> ++mode=sample ++n_samples=512 ++model.eval_batch_size=32 ++samples_dir=samples/
     python eval.py --config-path=<run_dir> ++mode=eval ++n_eval_examples=256
 
-`mode=sample` writes `<samples_dir>/<exp_name>.json`: {"sampled_at", "exp_name", "config", "samples": [{"id",
-"prompt", "prompt_turns", "policy", "chosen", "dataset"}]} (and `<exp_name>.alpaca_eval.json` in AlpacaEval's
-format with `++alpaca_eval=true`). The prompts are the run's datasets' test split, drawn with `seed` only, so runs
-compare prompt for prompt. `checkpoint` picks the weights: `policy` (LATEST/policy.pt, the default), `hf` (the
-save_pretrained export) or a path to a policy.pt. `backend=vllm` samples with vLLM where it is installed (GPU).
-`mode=eval` runs the run's own Trainer subclass over the split (HALOs always used DPO's).
+The run's saved `config.yaml` is the configuration; every `key=value` / `++key=value` after it overrides it
+(`--config-path` is relative to the working directory). Keys this script adds (plain `key=value` works too):
+
+  mode            sample | eval
+  n_samples       prompts to sample (null: all of the split)
+  split           the datasets' split to sample or evaluate (default test)
+  checkpoint      policy (LATEST/policy.pt: the plain weights, LoRA merged), hf (LATEST/hf, the save_pretrained
+                  export: a model, or a peft adapter put back on the run's base) or a path to a policy.pt, a
+                  directory holding one, or a save_pretrained directory
+  backend         hf (batched `generate`, left padding) | vllm (optional, CUDA only; samples a full save_pretrained
+                  model: LATEST/hf for checkpoint=policy)
+  temperature     0 = greedy; top_p: nucleus mass (no top-k), used when temperature > 0
+  max_new_tokens  null: model.max_length - the prompt's length, capped at MAX_NEW_TOKENS; sampling stops at EOS
+  control_token   appended to every prompt; null: the run's loader's `chosen_control_token` if it has one (CSFT)
+  alpaca_eval     also write <exp_name>.alpaca_eval.json in AlpacaEval's format (instruction, output, generator)
+
+`mode=sample` writes `<samples_dir>/<exp_name>.json`: {"sampled_at", "exp_name", "checkpoint", "config", "samples":
+[{"id", "prompt", "prompt_turns", "policy", "chosen", "dataset"}]}, the file compare.py reads. `chosen` is the
+dataset's reference output (the SFT target, as in HALOs), null where the prompt has none. The prompts are the
+split's first `n_samples` in an order keyed by (seed, sample id) only, so every run of the same datasets samples the
+same prompts; with the same seed, settings and batch size the outputs are identical.
+`mode=eval` runs the run's own Trainer subclass and loss over the split's first `n_eval_examples`, with the run's
+reference (the initial model, or the LoRA base) rebuilt (HALOs always used DPO's), and writes
+`<samples_dir>/<exp_name>.eval.json`. Every failure a user can cause ends in one line and exit code 2.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
 import json
 import os
-import random
 import sys
 import tempfile
 from pathlib import Path
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
+from transformers import GenerationConfig
 
 import checkpoints
 import dataloader
@@ -35,170 +55,417 @@ import train
 import trainers
 from feedback import DataError
 
-DEFAULTS = {"mode": "sample", "n_samples": 128, "samples_dir": "samples", "temperature": 0.7, "top_p": 0.95,
-            "max_new_tokens": None, "checkpoint": "policy", "backend": "hf", "alpaca_eval": False,
-            "sample_split": "test", "control_token": None, "run_dir": None}
+DEFAULTS = {"mode": "sample", "n_samples": 128, "samples_dir": "samples", "split": "test", "checkpoint": "policy",
+            "backend": "hf", "temperature": 0.7, "top_p": 0.95, "max_new_tokens": None, "control_token": None,
+            "alpaca_eval": False}
+MODES, BACKENDS, SPLITS = ("sample", "eval"), ("hf", "vllm"), ("train", "test")
+MAX_NEW_TOKENS = 512  # cap of the default budget (model.max_length - prompt length)
+USAGE = "usage: python eval.py --config-path=<run_dir> [++key=value ...]   (python eval.py --help for the keys)"
 
 
-def run_dir_of(cfg) -> Path:
-    """The run directory: `++run_dir`, else the directory given as --config-path."""
-    if cfg.run_dir:
-        return Path(cfg.run_dir)
-    for source in HydraConfig.get().runtime.config_sources:
-        if source.provider == "main":
-            return Path(source.path.replace("file://", ""))
-    return Path(cfg.cache_dir) / cfg.exp_name
+# ---------------------------------------------------------------- configuration
+
+
+def parse_args(argv: list[str]) -> tuple[Path, str, list[str]]:
+    """(run_dir, config_name, overrides) from Hydra-style arguments: --config-path/-cp, --config-name/-cn."""
+    flags = {"--config-path": "path", "-cp": "path", "--config-name": "name", "-cn": "name"}
+    found, overrides, args = {"name": "config"}, [], list(argv)
+    while args:
+        arg = args.pop(0)
+        flag, eq, value = arg.partition("=")
+        if flag in flags:
+            if not eq:
+                if not args:
+                    raise DataError(f"{flag} needs a value: {USAGE}")
+                value = args.pop(0)
+            found[flags[flag]] = value
+        elif arg.startswith("-"):
+            raise DataError(f"unknown option {arg}: {USAGE}")
+        else:
+            overrides.append(arg)
+    if "path" not in found:
+        raise DataError(f"no run directory given: {USAGE}")
+    return Path(found["path"]).expanduser().resolve(), found["name"], overrides
+
+
+def load_config(run_dir: Path, config_name: str, overrides: list[str]) -> DictConfig:
+    """The run's saved config + this script's DEFAULTS (for keys it lacks) + the user's overrides."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    path = run_dir / f"{config_name}.yaml"
+    if not run_dir.is_dir():
+        raise DataError(f"--config-path={run_dir}: no such run directory (give the directory train.py wrote, "
+                        "e.g. runs/<exp_name>)")
+    if not path.is_file():
+        raise DataError(f"--config-path={run_dir}: {path.name} is missing, so this is not a train.py run directory "
+                        "(give runs/<exp_name>)")
+    try:
+        saved = OmegaConf.load(path)
+        defaults = [f"++{k}={'null' if v is None else json.dumps(v)}" for k, v in DEFAULTS.items() if k not in saved]
+        with initialize_config_dir(config_dir=str(run_dir), version_base=None):
+            return compose(config_name, overrides=defaults + list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        why = " ".join(line.strip() for line in str(e).splitlines()[:2] if line.strip()) or type(e).__name__
+        raise DataError(f"config of {run_dir} with overrides {' '.join(overrides) or '(none)'}: {why}") from None
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Reject settings this script cannot run, naming the key and its valid values."""
+    rules = [
+        ("mode", cfg.mode in MODES, f"one of {', '.join(MODES)}"),
+        ("backend", cfg.backend in BACKENDS, f"one of {', '.join(BACKENDS)}"),
+        ("split", cfg.split in SPLITS, f"one of {', '.join(SPLITS)}"),
+        ("temperature", _number(cfg.temperature) and cfg.temperature >= 0, "a number >= 0 (0 = greedy)"),
+        ("top_p", _number(cfg.top_p) and 0 < cfg.top_p <= 1, "a number in (0, 1]"),
+        ("n_samples", cfg.n_samples is None or _positive_int(cfg.n_samples), "a positive integer or null"),
+        ("max_new_tokens", cfg.max_new_tokens is None or _positive_int(cfg.max_new_tokens),
+         "a positive integer or null"),
+        ("model.eval_batch_size", _positive_int(cfg.model.eval_batch_size), "a positive integer"),
+    ]
+    for key, ok, valid in rules:
+        if not ok:
+            raise DataError(f"{key}={OmegaConf.select(cfg, key)} is not valid for eval.py: use {valid}")
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_path(checkpoint: str, run_dir: Path) -> Path:
+    """The weights `checkpoint` names: LATEST/policy.pt (`policy`), the LATEST/hf export (`hf`), or a path to a
+    policy.pt, a directory holding one, or a save_pretrained directory (a model, or a peft adapter)."""
+    if checkpoint in ("policy", "hf"):
+        latest = run_dir / "LATEST"
+        if not (latest / "policy.pt").is_file():
+            raise DataError(f"{run_dir} has no checkpoint: {latest}/policy.pt does not exist (let the run finish "
+                            "its first save, or pass ++checkpoint=<path to a policy.pt>)")
+        if checkpoint == "policy":
+            return latest.resolve() / "policy.pt"
+        if not is_export(latest / "hf"):
+            raise DataError(f"checkpoint=hf: {latest}/hf holds no save_pretrained export (the run had export_hf="
+                            "false, or LATEST is an intermediate checkpoint); use checkpoint=policy and backend=hf")
+        return latest.resolve() / "hf"
+    path = Path(str(checkpoint)).expanduser()
+    if path.is_dir() and not is_export(path):
+        path = path / "policy.pt"
+    if not path.exists():
+        raise DataError(f"checkpoint={checkpoint} is neither policy, hf, nor an existing policy.pt, directory "
+                        "holding one, or save_pretrained directory")
+    return path
+
+
+def is_export(path: Path) -> bool:
+    """A save_pretrained directory: a model (config.json) or a peft adapter (adapter_config.json)."""
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+
+
+def run_model(cfg, tokenizer, device, *, lora: bool, load_from):
+    """train.build_policy for this run's model with LoRA on or off and `load_from` replaced; full precision."""
+    build_cfg = copy.deepcopy(cfg)
+    with open_dict(build_cfg):
+        build_cfg.model.lora.enabled = lora
+        build_cfg.model.lora.load_in_4bit = False
+        build_cfg.model.load_from = load_from
+        build_cfg.model.activation_checkpointing = False
+    return train.build_policy(build_cfg, tokenizer, device)
+
+
+def load_policy(cfg, tokenizer, path: Path, device, merge_lora: bool):
+    """The trained policy in eval mode, from a model export; a peft adapter export on the run's base (LoRA); or
+    the run's model with the weights of a HALOs-style policy.pt (plain, LoRA merged; peft-named weights get the
+    adapters back). `merge_lora` folds adapters in (sampling; never mode=eval: its LoRA reference is the policy
+    with adapters disabled)."""
+    if (path / "config.json").is_file():
+        policy = models.build_model(str(path), train.model_dtype(cfg.model.policy_dtype, device),
+                                    attn_implementation=cfg.model.attn_implementation).to(device)
+    elif path.is_dir():
+        from peft import PeftModel
+
+        base = run_model(cfg, tokenizer, device, lora=False, load_from=cfg.model.load_from)
+        # trainable only because mode=eval's Trainer builds an optimizer, which needs a parameter to hold
+        policy = PeftModel.from_pretrained(base, str(path), is_trainable=True).to(device)
+    else:
+        state = read_weights(path)
+        lora = any(k.startswith("base_model.model.") for k in state)
+        policy = run_model(cfg, tokenizer, device, lora=lora, load_from=None)
+        try:
+            missing, unexpected = policy.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatch: another model's checkpoint
+            raise DataError(f"checkpoint {path} does not fit model={cfg.model.name}: "
+                            f"{str(e).splitlines()[-1].strip()}") from None
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise DataError(f"checkpoint {path} does not fit model={cfg.model.name}: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}")
+    if merge_lora and hasattr(policy, "merge_and_unload"):
+        policy = policy.merge_and_unload()
+    return policy.eval()
+
+
+def read_weights(path: Path) -> dict:
+    """The state dict of a policy.pt (checkpoints.load_policy_weights), its errors worded for `checkpoint`."""
+    try:
+        return checkpoints.load_policy_weights(path)
+    except DataError as e:
+        why = str(e).splitlines()[0].removeprefix("model.load_from: ")
+        raise DataError(f"checkpoint {path} is unreadable ({why})") from None
+
+
+# ---------------------------------------------------------------- prompts
 
 
 def sample_id(dataset: str, turns: list[dict]) -> str:
+    """A prompt's id: a hash of its dataset and chat turns (the same in every run; compare.py matches on it)."""
     text = dataset + "\x1e" + json.dumps(turns, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def eval_prompts(cfg, split: str, n: int) -> list:
-    """The first n test prompts in an order drawn from `seed` only (the same for every model)."""
-    examples = [ex for ds in train.load_datasets(cfg, split) for ex in ds.examples]
-    examples.sort(key=lambda ex: (ex.dataset_name, ex.prompt_key()))
-    random.Random(cfg.seed).shuffle(examples)
-    return examples[:n]
+def eval_examples(cfg, split: str, n: int | None) -> list[tuple[str, object]]:
+    """(id, Example) of the split's first n prompts, ordered by hash(seed, id): a prompt's place depends on the
+    seed and its own content only, so runs over the same datasets get the same prompts in the same order."""
+    by_id = {}
+    for ds in train.load_datasets(cfg, split):
+        for ex in ds.examples:
+            by_id.setdefault(sample_id(ex.dataset_name or ds.name, ex.prompt), ex)
+    order = sorted(by_id, key=lambda i: hashlib.sha256(f"{cfg.seed}\x1e{i}".encode()).hexdigest())
+    if not order:
+        raise DataError(f"datasets={list(cfg.datasets)} have no {split} prompts to sample: pick another split")
+    return [(i, by_id[i]) for i in order[:n]]
 
 
-def load_policy(cfg, run_dir: Path, device):
-    """The trained policy from LATEST/policy.pt (LoRA runs: adapters re-attached), the HF export, or a path."""
-    if cfg.checkpoint == "hf":
-        path = checkpoints.latest_dir(run_dir) / "hf"
-        if not path.is_dir():
-            raise DataError(f"checkpoint=hf: {path} does not exist (the run saved no HF export; use checkpoint=policy)")
-        return models.build_model(str(path), train.model_dtype(cfg.model.policy_dtype, device),
-                                  attn_implementation=cfg.model.attn_implementation).to(device)
-    path = checkpoints.latest_dir(run_dir) / "policy.pt" if cfg.checkpoint == "policy" else Path(cfg.checkpoint)
-    tokenizer = models.load_tokenizer(cfg.model.tokenizer_name_or_path)
-    with open_dict(cfg):
-        cfg.model.load_from = None
-        cfg.model.activation_checkpointing = False
-    policy = train.build_policy(cfg, tokenizer, device)
-    state = checkpoints.load_policy_weights(path)
-    missing, unexpected = policy.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise DataError(f"checkpoint {path} does not fit model={cfg.model.name}: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
-    return policy.eval()
+def control_token(cfg) -> str:
+    """`control_token`, else the run's loader's `chosen_control_token` option (CSFT conditions on <|good|>)."""
+    if cfg.control_token is not None:
+        return str(cfg.control_token)
+    loader_class = train.class_by_name(dataloader, cfg.loss.dataloader, dataloader.DataLoader, "loss.dataloader")
+    options = {**getattr(loader_class, "OPTIONS", {}), **train.as_dict(cfg.loss.get("data"))}
+    return options.get("chosen_control_token") or ""
 
 
-def prompt_format(cfg) -> dataloader.PromptFormat:
+def prompt_texts(cfg, tokenizer, examples) -> list[str]:
+    """Each prompt as the model saw it in training: chat template or HALOs markers, then the control token."""
     m = cfg.model
-    return dataloader.PromptFormat(m.human_prefix, m.human_suffix, m.assistant_prefix, m.assistant_suffix,
-                                   m.system_prefix)
+    fmt = dataloader.PromptFormat(m.human_prefix, m.human_suffix, m.assistant_prefix, m.assistant_suffix,
+                                  m.system_prefix)
+    token = control_token(cfg)
+    return [dataloader.format_prompt(ex.prompt, tokenizer, fmt, ex.source or "prompt") + token for _, ex in examples]
+
+
+def encode(tokenizer, prompts: list[str], max_prompt_length: int) -> list[list[int]]:
+    """Prompt ids as the DataLoaders make them, keeping the last `max_prompt_length` tokens (HALOs' rule)."""
+    special = not dataloader.uses_chat_template(tokenizer)
+    return [list(dataloader.encode_prompt(tokenizer, p, special))[-max_prompt_length:] for p in prompts]
+
+
+def token_budgets(cfg, prompt_ids: list[list[int]]) -> list[int]:
+    """New tokens per prompt: `max_new_tokens`, else model.max_length - prompt length (as in training, where
+    prompt + response <= max_length), capped at MAX_NEW_TOKENS, at least 1."""
+    if cfg.max_new_tokens is not None:
+        return [int(cfg.max_new_tokens)] * len(prompt_ids)
+    return [max(1, min(MAX_NEW_TOKENS, cfg.model.max_length - len(ids))) for ids in prompt_ids]
+
+
+# ---------------------------------------------------------------- generation
+
+
+def stop_ids(tokenizer, policy=None) -> list[int]:
+    """EOS ids: the tokenizer's, plus the model's generation_config's (chat models end turns with their own)."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
+    ids += extra if isinstance(extra, list) else [extra]
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def cut(ids: list[int], budget: int, stops: list[int]) -> list[int]:
+    """Generated ids up to the budget and before the first stop token (the EOS itself is not output)."""
+    ids = ids[:budget]
+    return ids[: next((k for k, t in enumerate(ids) if t in stops), len(ids))]
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def generation_config(cfg, max_new: int, stops: list[int], pad_id: int):
+    """Greedy at temperature 0, else pure temperature + nucleus sampling (top_k off, as vLLM's default)."""
+    sampling = dict(do_sample=True, temperature=float(cfg.temperature), top_p=float(cfg.top_p), top_k=0) \
+        if cfg.temperature > 0 else dict(do_sample=False)
+    return GenerationConfig(max_new_tokens=max_new, eos_token_id=stops, pad_token_id=pad_id, **sampling)
 
 
 @torch.no_grad()
-def generate_hf(policy, tokenizer, prompts: list[str], cfg) -> list[str]:
-    """Batched sampling with left padding, stopping at EOS; deterministic given `seed`."""
-    tokenizer.padding_side = "left"
-    outputs = []
+def generate_hf(policy, tokenizer, prompt_ids: list[list[int]], budgets: list[int], cfg) -> list[list[int]]:
+    """Output ids per prompt from batched `generate` with left padding: a row ends at EOS, the batch when all
+    rows have; each output is cut to its own budget. Deterministic given `seed` and `model.eval_batch_size`."""
     device = next(policy.parameters()).device
-    max_new = cfg.max_new_tokens or cfg.model.max_length - cfg.model.max_prompt_length
-    bs = cfg.model.eval_batch_size
+    pad, stops, bs = tokenizer.pad_token_id, stop_ids(tokenizer, policy), cfg.model.eval_batch_size
     torch.manual_seed(cfg.seed)
-    for i in tqdm(range(0, len(prompts), bs), desc="sample", dynamic_ncols=True):
-        ids = [list(dataloader.encode_prompt(tokenizer, p, not dataloader.uses_chat_template(tokenizer)))
-               [-cfg.model.max_prompt_length:] for p in prompts[i: i + bs]]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=device)
-        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-        sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.temperature > 0 \
-            else {"do_sample": False}
-        out = policy.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
-        outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return [o.strip() for o in outputs]
+    outputs = []
+    with tqdm(total=len(prompt_ids), desc="sample", unit="sample", dynamic_ncols=True) as bar:
+        for start in range(0, len(prompt_ids), bs):
+            chunk, limits = prompt_ids[start: start + bs], budgets[start: start + bs]
+            width = max(map(len, chunk))
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=device)
+            attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
+            out = policy.generate(input_ids=input_ids, attention_mask=attention,
+                                  generation_config=generation_config(cfg, max(limits), stops, pad))
+            outputs += [cut(row, limit, stops) for row, limit in zip(out[:, width:].tolist(), limits)]
+            bar.update(len(chunk))
+    return outputs
 
 
-def generate_vllm(run_dir: Path, prompts: list[str], cfg) -> list[str]:
+def generate_vllm(model_dir: Path, tokenizer, prompt_ids: list[list[int]], budgets: list[int], cfg) -> list[list[int]]:
+    """vLLM over a save_pretrained export, fed the same token ids as the hf backend; needs CUDA and vllm."""
+    missing = [] if torch.cuda.is_available() else ["a CUDA GPU (none is visible)"]
     try:
         from vllm import LLM, SamplingParams
     except ImportError:
-        raise DataError("backend=vllm needs the vllm package and a GPU (pip install '.[gpu]'); use backend=hf") from None
-    llm = LLM(model=str(checkpoints.latest_dir(run_dir) / "hf"), seed=cfg.seed)
-    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
-                            max_tokens=cfg.max_new_tokens or cfg.model.max_length - cfg.model.max_prompt_length)
-    return [o.outputs[0].text.strip() for o in llm.generate(prompts, params)]
+        missing.append("the vllm package (pip install '.[gpu]')")
+    if missing:
+        raise DataError(f"backend=vllm needs {' and '.join(missing)}: use backend=hf")
+    greedy, stops = cfg.temperature == 0, stop_ids(tokenizer)
+    llm = LLM(model=str(model_dir), seed=cfg.seed, dtype=cfg.model.policy_dtype)
+    params = [SamplingParams(temperature=float(cfg.temperature), top_p=1.0 if greedy else float(cfg.top_p),
+                             max_tokens=b, stop_token_ids=stops, seed=cfg.seed + k) for k, b in enumerate(budgets)]
+    results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=True)
+    return [cut(list(r.outputs[0].token_ids), b, stops) for r, b in zip(results, budgets)]
+
+
+# ---------------------------------------------------------------- the two modes
 
 
 def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary file beside `path`, fsync, rename: a crash never leaves a torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def device_of() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def sample(cfg, run_dir: Path) -> Path:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Sample the policy on the split's prompts and write the samples file (and the AlpacaEval file)."""
+    vllm = cfg.backend == "vllm"
+    path = checkpoint_path("hf" if vllm and cfg.checkpoint == "policy" else cfg.checkpoint, run_dir)
+    if vllm and not (path / "config.json").is_file():
+        raise DataError(f"backend=vllm loads a full save_pretrained model, and checkpoint={cfg.checkpoint} is a "
+                        f"policy.pt or a peft adapter ({path}): use backend=hf")
     tokenizer = models.load_tokenizer(cfg.model.tokenizer_name_or_path)
-    examples = eval_prompts(cfg, cfg.sample_split, cfg.n_samples)
-    fmt = prompt_format(cfg)
-    prompts = [dataloader.format_prompt(ex.prompt, tokenizer, fmt) + (cfg.control_token or "") for ex in examples]
-    if cfg.backend == "vllm":
-        outputs = generate_vllm(run_dir, prompts, cfg)
+    examples = eval_examples(cfg, cfg.split, cfg.n_samples)
+    prompts = prompt_texts(cfg, tokenizer, examples)
+    ids = encode(tokenizer, prompts, cfg.model.max_prompt_length)
+    budgets = token_budgets(cfg, ids)
+    if vllm:
+        output_ids = generate_vllm(path, tokenizer, ids, budgets, cfg)
     else:
-        outputs = generate_hf(load_policy(cfg, run_dir, device), tokenizer, prompts, cfg)
+        policy = load_policy(cfg, tokenizer, path, device_of(), merge_lora=True)
+        output_ids = generate_hf(policy, tokenizer, ids, budgets, cfg)
+    outputs = [decode(tokenizer, x) for x in output_ids]
     samples = []
-    for ex, prompt, output in zip(examples, prompts, outputs):
-        ref = dataloader.sft_target(ex)
-        samples.append({"id": sample_id(ex.dataset_name, ex.prompt), "prompt": prompt, "prompt_turns": ex.prompt,
-                        "policy": output, "chosen": ex.generations[ref] if ref is not None else None,
+    for (sid, ex), prompt, output in zip(examples, prompts, outputs):
+        target = dataloader.sft_target(ex)
+        samples.append({"id": sid, "prompt": prompt, "prompt_turns": ex.prompt, "policy": output,
+                        "chosen": ex.generations[target] if target is not None else None,
                         "dataset": ex.dataset_name})
     out = Path(cfg.samples_dir) / f"{cfg.exp_name}.json"
-    write_json_atomic(out, {"sampled_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                            "exp_name": cfg.exp_name, "config": OmegaConf.to_container(cfg, resolve=True),
-                            "samples": samples})
+    write_json_atomic(out, {"sampled_at": now(), "exp_name": cfg.exp_name, "checkpoint": str(path),
+                            "config": OmegaConf.to_container(cfg, resolve=True), "samples": samples})
     if cfg.alpaca_eval:
-        write_json_atomic(out.with_suffix(".alpaca_eval.json"), [
-            {"instruction": s["prompt_turns"][-1]["content"], "output": s["policy"], "generator": cfg.exp_name,
+        write_json_atomic(out.with_name(f"{cfg.exp_name}.alpaca_eval.json"), [
+            {"instruction": last_user_turn(s["prompt_turns"]), "output": s["policy"], "generator": cfg.exp_name,
              "dataset": s["dataset"]} for s in samples])
     print(f"wrote {len(samples)} samples to {out}", flush=True)
     return out
 
 
+def last_user_turn(turns: list[dict]) -> str:
+    users = [t["content"] for t in turns if t["role"] == "user"]
+    return users[-1] if users else turns[-1]["content"]
+
+
+def frozen_initial_model(cfg, tokenizer, policy, device):
+    """The run's reference: None when the loss needs none or the policy is a LoRA model (adapters disabled);
+    else the run's starting weights (model.load_from, else the base), frozen, in reference_dtype."""
+    if not cfg.loss.use_reference_model or hasattr(policy, "disable_adapter"):
+        return None
+    reference = run_model(cfg, tokenizer, device, lora=False, load_from=cfg.model.load_from)
+    return reference.to(train.model_dtype(cfg.model.reference_dtype, device)).eval().requires_grad_(False)
+
+
+def trained_value_head(trainer_class, policy, path: Path):
+    """PPO's critic with its trained weights (the checkpoint's resume.pt), else None."""
+    if not hasattr(trainer_class, "make_value_head"):
+        return None
+    head = trainer_class.make_value_head(policy)
+    found = [p for p in (path.parent / "resume.pt", path.parent / "optimizer.pt") if p.is_file()]
+    state = torch.load(found[0], map_location="cpu", weights_only=True).get("value_head") if found else None
+    if not state:
+        raise DataError(f"checkpoint {path}: no trained value head beside it ({path.parent}/resume.pt), so the "
+                        "critic loss cannot be evaluated; give a checkpoint directory written by train.py")
+    head.load_state_dict(state)
+    return head
+
+
 def evaluate(cfg, run_dir: Path) -> dict:
-    """The run's own loss and metrics on a split, with its Trainer subclass and reference."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The run's own loss and metrics on the split, with its Trainer subclass, loader and reference."""
+    path = checkpoint_path(cfg.checkpoint, run_dir)
+    device = device_of()
     tokenizer = models.load_tokenizer(cfg.model.tokenizer_name_or_path)
     trainer_class = train.class_by_name(trainers, cfg.loss.trainer, trainers.BasicTrainer, "loss.trainer")
-    loader = train.make_loader(cfg, tokenizer, train.load_datasets(cfg, cfg.sample_split), split=cfg.sample_split,
-                               rank=0, world_size=1, train=False)
-    initial = train.build_policy(cfg, tokenizer, device)
-    reference = train.build_reference(cfg, initial, device)
-    policy = load_policy(cfg, run_dir, device)
-    value_head = trainer_class.make_value_head(policy) if hasattr(trainer_class, "make_value_head") else None
+    loader = train.make_loader(cfg, tokenizer, train.load_datasets(cfg, cfg.split), split=cfg.split, rank=0,
+                               world_size=1, train=False)
+    policy = load_policy(cfg, tokenizer, path, device, merge_lora=False)
+    reference = frozen_initial_model(cfg, tokenizer, policy, device)
+    value_head = trained_value_head(trainer_class, policy, path)
     trainer = trainer_class(cfg, tokenizer, policy, reference, loader, loader, run_dir, value_head=value_head)
     metrics = trainer.evaluate()
     out = Path(cfg.samples_dir) / f"{cfg.exp_name}.eval.json"
-    write_json_atomic(out, metrics)
+    write_json_atomic(out, {"evaluated_at": now(), "exp_name": cfg.exp_name, "checkpoint": str(path),
+                            "split": cfg.split, "trainer": cfg.loss.trainer, "metrics": metrics})
     print(json.dumps(metrics, indent=2), flush=True)
+    print(f"wrote {out}", flush=True)
     return metrics
 
 
-@hydra.main(version_base=None, config_path=None, config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry; returns the exit code (2 with one `eval.py: error:` line for anything the user can fix)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return 0
     try:
-        with open_dict(cfg):
-            for key, value in DEFAULTS.items():
-                if key not in cfg:
-                    cfg[key] = value
-        run_dir = run_dir_of(cfg)
-        if cfg.mode == "sample":
-            sample(cfg, run_dir)
-        elif cfg.mode == "eval":
-            evaluate(cfg, run_dir)
-        else:
-            raise DataError(f"mode={cfg.mode} is unknown for eval.py: use sample or eval")
+        run_dir, name, overrides = parse_args(argv)
+        cfg = load_config(run_dir, name, overrides)
+        check_settings(cfg)
+        train.seed_everything(cfg.seed, False)
+        (sample if cfg.mode == "sample" else evaluate)(cfg, run_dir)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        print(f"eval.py: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("eval.py: interrupted (a file is written whole or not at all)", file=sys.stderr, flush=True)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,15 +3,20 @@
 Key of one entry = sha256(reference identity, tokenizer identity, prompt token ids, response token ids). The label
 mask is the prompt/response split itself, so two losses that see the same sequence share the entry, and a KTO KL
 partner (x_i, y_j) is just another sequence. Values are the response-aligned token log-probs in float32, so
-losses needing sums, means or per-token ratios are all served.
+losses needing sums, means or per-token ratios (PPO) are all served. The reference identity hashes the weights
+(names normalised, LoRA adapters left out), so a LoRA run (base with adapters disabled) and a full run from the
+same base share entries.
 
-Storage: one SQLite file per reference identity, `<reference_cache_dir>/<identity>.sqlite`, table
+Storage: one SQLite file per identity, `<reference_cache_dir>/<identity>.sqlite`, table
 `logps(key BLOB PRIMARY KEY, n INTEGER, logps BLOB)` with raw little-endian float32 bytes: nothing executable is
-ever loaded. Cost: 4 bytes per response token on disk (+ ~70 bytes per sequence for key and index); in memory only
-the microbatch being looked up.
+ever loaded. Disk: 4 bytes per response token + ~140 bytes per sequence (key twice, row and B-tree overhead;
+6.2 B/token at HH's 65 tokens a response with the tiny tokenizer, 4.7 at 300). Memory: only the microbatch being
+looked up, (N, L) float32 + bool mask. A lookup is one indexed SELECT per microbatch (~0.1 ms per sequence).
 
-Ranks build their own share of the missing entries and write them under SQLite's file lock (WAL); with several
-nodes `reference_cache_dir` must be on a shared filesystem.
+The cache pass (`build`) runs before training: every rank lists the sequences it will see; rank 0 decides which
+are missing (each computed once, by the lowest rank that holds it); ranks compute their share in rounds (equal
+rounds on every rank, so a sharded FSDP reference works) and rank 0 writes each round. With several nodes
+`reference_cache_dir` must be on a filesystem every node sees.
 """
 
 from __future__ import annotations
@@ -26,22 +31,34 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from checkpoints import plain_name
+from dataloader import Sequence
 from feedback import DataError
 from logprobs import TokenLogps, sequence_logps
 
+QUERY_CHUNK = 500  # keys per SQL `IN (...)` (SQLite's variable limit is larger; this keeps statements short)
+
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """blake2b of every parameter and buffer (name, dtype, shape, bytes): the reference's identity.
+    """blake2b of every parameter and buffer (normalised name, dtype, shape, bytes): the reference's identity.
 
     LoRA adapter weights are left out: the reference of a LoRA run is the base with adapters disabled."""
     h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        if "lora_" in name:
-            continue
+    for name, tensor in sorted((plain_name(n), t) for n, t in model.state_dict().items() if "lora_" not in n):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def reference_identity(model: torch.nn.Module, world_size: int) -> str:
+    """The weights fingerprint, computed once on rank 0 (ranks hold the same weights) and broadcast.
+
+    Call before sharding: it reads the full tensors."""
+    value = [weights_fingerprint(model) if world_size == 1 or dist.get_rank() == 0 else None]
+    if world_size > 1:
+        dist.broadcast_object_list(value, src=0)
+    return value[0]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -58,49 +75,65 @@ def sequence_key(prefix: bytes, sequence) -> bytes:
     return h.digest()
 
 
+def token_rows(keys: list[bytes], values: TokenLogps) -> list[tuple[bytes, int, bytes]]:
+    """(key, n, float32 bytes) per sequence: the response-aligned values under the mask."""
+    rows = []
+    for i, key in enumerate(keys):
+        v = values.token_logps[i][values.mask[i]].detach().float().cpu().numpy().astype("<f4")
+        rows.append((key, len(v), v.tobytes()))
+    return rows
+
+
 class ReferenceCache:
     """Lookups and inserts of token-level reference log-probs for one (reference, tokenizer) identity."""
 
-    def __init__(self, directory, reference_id: str, tokenizer_id: str):
+    def __init__(self, directory, reference_id: str, tokenizer_id: str, create: bool = True):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.identity = hashlib.sha256(f"{reference_id}|{tokenizer_id}".encode()).hexdigest()[:32]
         self.prefix = self.identity.encode()
         self.path = self.directory / f"{self.identity}.sqlite"
-        self.db = sqlite3.connect(self.path, timeout=600, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS logps (key BLOB PRIMARY KEY, n INTEGER NOT NULL, logps BLOB NOT NULL)")
-        self.db.commit()
+        self.stats = {"hits": 0, "misses": 0}
+        try:
+            if create:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            elif not self.path.is_file():
+                raise DataError(f"reference cache {self.path} is not visible on this process: put "
+                                "reference_cache_dir on a filesystem every node shares")
+            self.db = sqlite3.connect(self.path, timeout=600, check_same_thread=False)
+            if create:
+                self.db.execute("CREATE TABLE IF NOT EXISTS logps "
+                                "(key BLOB PRIMARY KEY, n INTEGER NOT NULL, logps BLOB NOT NULL)")
+                self.db.commit()
+        except (OSError, sqlite3.Error) as e:
+            raise DataError(f"reference_cache_dir={self.directory}: cannot open {self.path.name} ({e}); point "
+                            "reference_cache_dir at a writable directory or delete the damaged file") from None
 
     def key(self, sequence) -> bytes:
         return sequence_key(self.prefix, sequence)
 
-    def missing(self, keys: list[bytes]) -> set[bytes]:
-        present = set()
-        for i in range(0, len(keys), 500):
-            chunk = keys[i: i + 500]
-            rows = self.db.execute(f"SELECT key FROM logps WHERE key IN ({','.join('?' * len(chunk))})", chunk)
-            present.update(r[0] for r in rows)
-        return set(keys) - present
+    def _select(self, columns: str, keys: list[bytes]):
+        for i in range(0, len(keys), QUERY_CHUNK):
+            chunk = keys[i: i + QUERY_CHUNK]
+            yield from self.db.execute(f"SELECT {columns} FROM logps WHERE key IN ({','.join('?' * len(chunk))})",
+                                       chunk)
+
+    def missing(self, keys) -> set[bytes]:
+        keys = list(dict.fromkeys(keys))
+        return set(keys) - {row[0] for row in self._select("key", keys)}
+
+    def insert_rows(self, rows: list[tuple[bytes, int, bytes]]) -> None:
+        """Insert (key, n, bytes) rows in one transaction (atomic: a crash leaves the file consistent)."""
+        with self.db:
+            self.db.executemany("INSERT OR IGNORE INTO logps VALUES (?, ?, ?)", rows)
 
     def insert(self, keys: list[bytes], values: TokenLogps) -> None:
-        rows = []
-        for i, key in enumerate(keys):
-            v = values.token_logps[i][values.mask[i]].detach().float().cpu().numpy().astype("<f4")
-            rows.append((key, len(v), v.tobytes()))
-        self.db.executemany("INSERT OR IGNORE INTO logps VALUES (?, ?, ?)", rows)
-        self.db.commit()
+        self.insert_rows(token_rows(keys, values))
 
     def lookup(self, sequences, device=None) -> TokenLogps:
-        """Token log-probs of `sequences`, response-aligned, from disk; a miss is a bug in the cache pass."""
+        """Token log-probs of `sequences`, response-aligned, from disk; a miss means the cache pass missed it."""
         keys = [self.key(s) for s in sequences]
-        found = {}
-        unique = list(dict.fromkeys(keys))
-        for i in range(0, len(unique), 500):
-            chunk = unique[i: i + 500]
-            for key, n, blob in self.db.execute(
-                    f"SELECT key, n, logps FROM logps WHERE key IN ({','.join('?' * len(chunk))})", chunk):
-                found[key] = np.frombuffer(blob, dtype="<f4", count=n)
+        found = {key: np.frombuffer(blob, dtype="<f4", count=n)
+                 for key, n, blob in self._select("key, n, logps", list(dict.fromkeys(keys)))}
         rows = []
         for key, seq in zip(keys, sequences):
             if key not in found or len(found[key]) != len(seq.response_ids):
@@ -112,14 +145,18 @@ class ReferenceCache:
     def count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM logps").fetchone()[0]
 
+    def close(self) -> None:
+        self.db.close()
 
-def _all_sequences(loaders) -> list:
+
+def all_sequences(loaders) -> list:
     """Every sequence the run will see, in this rank's share: iterate each loader once and put it back."""
     seen = {}
     for loader in loaders:
         if loader is None:
             continue
         state = loader.state_dict()
+        loader.load_state_dict({**state, "next_step": 0})
         for batch in loader:
             for s in batch["sequences"]:
                 seen.setdefault((s.prompt_ids, s.response_ids), s)
@@ -127,40 +164,108 @@ def _all_sequences(loaders) -> list:
     return list(seen.values())
 
 
+def plan(cache, sequences, rank: int, world_size: int) -> tuple[list, int, int]:
+    """([(key, sequence)] this rank computes, global hits, global misses): rank 0 asks the file which of all
+    ranks' distinct keys are missing; each missing key is computed once, by the lowest rank that holds it."""
+    mine = dict((cache.key(s), s) for s in sequences)
+    if world_size == 1:
+        missing = cache.missing(list(mine))
+        return [(k, s) for k, s in mine.items() if k in missing], len(mine) - len(missing), len(missing)
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, list(mine))
+    union = list(dict.fromkeys(k for keys_of_rank in everyone for k in keys_of_rank))
+    decided = [sorted(cache.missing(union)) if rank == 0 else None]
+    dist.broadcast_object_list(decided, src=0)
+    missing = set(decided[0])
+    owner = {}
+    for r, keys_of_rank in enumerate(everyone):
+        for k in keys_of_rank:
+            if k in missing:
+                owner.setdefault(k, r)
+    return [(k, s) for k, s in mine.items() if owner.get(k) == rank], len(union) - len(missing), len(missing)
+
+
 @torch.no_grad()
-def fill(cache: ReferenceCache, model, sequences, pad_token_id: int, *, layout: str, row_tokens: int,
-         batch_sequences: int, context=None) -> tuple[int, int]:
-    """Compute and store the missing entries among `sequences`; returns (hits, misses)."""
-    keys = [cache.key(s) for s in sequences]
-    missing = cache.missing(keys)
-    todo = [(k, s) for k, s in zip(keys, sequences) if k in missing]
+def fill(cache, model, sequences, pad_token_id: int, *, layout: str, row_tokens: int, batch_sequences: int,
+         context=None, rank: int = 0, world_size: int = 1, sharded: bool = False) -> tuple[int, int]:
+    """Compute and store the missing entries among every rank's `sequences`; returns global (hits, misses).
+
+    Every rank runs the same number of rounds (a sharded reference needs every rank in each forward; a rank
+    with no work left forwards a dummy); rank 0 gathers and writes each round's rows."""
+    todo, hits, misses = plan(cache, sequences, rank, world_size)
+    rounds = -(-len(todo) // batch_sequences)
+    if world_size > 1:
+        total = torch.tensor([rounds], dtype=torch.long, device=next(model.parameters()).device)  # NCCL: on GPU
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        rounds = int(total.item())
     was_training = model.training
     model.eval()
     with context if context is not None else nullcontext():
-        for i in range(0, len(todo), batch_sequences):
-            chunk = todo[i: i + batch_sequences]
-            values = sequence_logps(model, [s for _, s in chunk], pad_token_id, layout, row_tokens)
-            cache.insert([k for k, _ in chunk], values)
+        for i in range(rounds):
+            chunk = todo[i * batch_sequences: (i + 1) * batch_sequences]
+            rows = []
+            if chunk:
+                values = sequence_logps(model, [s for _, s in chunk], pad_token_id, layout, row_tokens)
+                rows = token_rows([k for k, _ in chunk], values)
+            elif sharded:
+                sequence_logps(model, [sequences[0] if sequences else Sequence((pad_token_id,), (pad_token_id,))],
+                               pad_token_id, layout, row_tokens)
+            if world_size > 1:
+                parts = [None] * world_size if rank == 0 else None
+                dist.gather_object(rows, parts, dst=0)
+                rows = [row for part in parts for row in part] if rank == 0 else []
+            if rank == 0 and rows:
+                cache.insert_rows(rows)
     model.train(was_training)
-    return len(sequences) - len(todo), len(todo)
+    return hits, misses
 
 
-def build(cfg, tokenizer, model, loaders, *, rank: int, world_size: int) -> ReferenceCache:
-    """The cache pass before training: every sequence of the run, sharded across ranks; prints hits/misses."""
-    identity = "|".join([weights_fingerprint(model), str(cfg.model.reference_dtype)])
-    cache = ReferenceCache(cfg.reference_cache_dir, identity, tokenizer_fingerprint(tokenizer))
+def build(cfg, tokenizer, model, identity: str, loaders, *, rank: int, world_size: int,
+          sharded: bool = False) -> ReferenceCache:
+    """The cache pass before training: every sequence of the run, sharded across ranks; prints hits/misses.
+
+    `model` is the reference (or, for LoRA, the policy, whose adapters are disabled here); `identity` comes
+    from `reference_identity` (taken before sharding)."""
+    tokenizer_id = tokenizer_fingerprint(tokenizer)
     started = time.perf_counter()
-    sequences = _all_sequences(loaders)
+    writer = open_writer(cfg.reference_cache_dir, identity, tokenizer_id, rank, world_size)
+    sequences = all_sequences(loaders)
     context = model.disable_adapter() if hasattr(model, "disable_adapter") else None
-    hits, misses = fill(cache, model, sequences, tokenizer.pad_token_id, layout=cfg.model.forward_layout,
-                        row_tokens=cfg.model.pack_tokens, batch_sequences=max(2, 2 * cfg.model.eval_batch_size),
-                        context=context)
-    counts = torch.tensor([hits, misses], dtype=torch.long)
+    hits, misses = fill(writer if writer is not None else _KeyOnly(identity, tokenizer_id), model, sequences,
+                        tokenizer.pad_token_id, layout=cfg.model.forward_layout, row_tokens=cfg.model.pack_tokens,
+                        batch_sequences=max(2, 2 * cfg.model.eval_batch_size // max(world_size, 1)),
+                        context=context, rank=rank, world_size=world_size, sharded=sharded)
     if world_size > 1:
-        dist.all_reduce(counts)
         dist.barrier()
+    cache = writer or ReferenceCache(cfg.reference_cache_dir, identity, tokenizer_id, create=False)
     if rank == 0:
-        print(f"reference cache {cache.path}: {counts[0].item()} hits, {counts[1].item()} misses computed "
+        print(f"reference cache {cache.path}: {hits} hits, {misses} misses computed "
               f"({time.perf_counter() - started:.1f}s, {cache.count()} entries)", flush=True)
-    cache.stats = {"hits": int(counts[0]), "misses": int(counts[1])}
+    cache.stats = {"hits": hits, "misses": misses}
     return cache
+
+
+def open_writer(directory, identity: str, tokenizer_id: str, rank: int, world_size: int) -> ReferenceCache | None:
+    """Rank 0 opens (creates) the file; its failure is raised on every rank, so no rank waits for it."""
+    writer, error = None, [None]
+    if rank == 0:
+        try:
+            writer = ReferenceCache(directory, identity, tokenizer_id, create=True)
+        except DataError as e:
+            error[0] = str(e)
+    if world_size > 1:
+        dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise DataError(error[0])
+    return writer
+
+
+class _KeyOnly:
+    """The key function of a cache without opening its file (ranks other than 0 during the pass)."""
+
+    def __init__(self, reference_id: str, tokenizer_id: str):
+        identity = hashlib.sha256(f"{reference_id}|{tokenizer_id}".encode()).hexdigest()[:32]
+        self.prefix = identity.encode()
+
+    def key(self, sequence) -> bytes:
+        return sequence_key(self.prefix, sequence)

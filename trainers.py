@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoints
+import distributed
 import losses
 from logprobs import TokenLogps, sequence_logps
 
@@ -47,10 +47,16 @@ class BasicTrainer:
         self.device = next(policy.parameters()).device
         self.layout = config.model.forward_layout
         self.row_tokens = config.model.pack_tokens
-        params = [p for p in policy.parameters() if p.requires_grad]
-        if value_head is not None:
-            params += list(value_head.parameters())
-        self.optimizer = getattr(torch.optim, config.optimizer)(params, lr=config.lr, **self.optimizer_kwargs())
+        # every trained module under one root, so checkpoints gather policy + value head with one state dict call
+        self.trained_modules = torch.nn.ModuleDict({"policy": policy,
+                                                    **({"value_head": value_head} if value_head else {})})
+        # gradients FSDP does not reduce: the value head's, or every one when the policy is not sharded
+        if distributed.is_sharded(policy):
+            self.replicated = list(value_head.parameters()) if value_head is not None else []
+        else:
+            self.replicated = self.trainable_parameters()
+        self.optimizer = getattr(torch.optim, config.optimizer)(self.trainable_parameters(), lr=config.lr,
+                                                                **self.optimizer_kwargs())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
         self.step = 0
         self.examples_seen = 0
@@ -106,13 +112,17 @@ class BasicTrainer:
         return tensor
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Concatenate a 1-D per-example tensor from every rank (sizes are equal by the loader's contract)."""
+        """Concatenate a per-example tensor from every rank, in rank order (sizes may differ: KTO's sides)."""
         tensor = tensor.detach().reshape(-1).float()
         if self.world_size == 1:
             return tensor.cpu()
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor)
-        return torch.cat(parts).cpu()
+        sizes = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world_size)]
+        dist.all_gather(sizes, torch.tensor([tensor.numel()], device=self.device))
+        width = max(int(n) for n in sizes)
+        padded = torch.cat([tensor, tensor.new_zeros(width - tensor.numel())])
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)]).cpu()
 
     # ------------------------------------------------------------------ optimisation
 
@@ -135,11 +145,23 @@ class BasicTrainer:
             params += list(self.value_head.parameters())
         return params
 
-    def clip_gradients(self) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.model.max_grad_norm)
+    def clip_gradients(self) -> tuple[torch.Tensor, bool]:
+        """Clip the policy's gradients to max_grad_norm (and a value head's to v_head_max_grad_norm, apart: its
+        tensors are not FSDP's DTensors); returns (policy grad norm, every norm finite)."""
+        norm = distributed.local_value(torch.nn.utils.clip_grad_norm_(
+            [p for p in self.policy.parameters() if p.requires_grad], self.config.model.max_grad_norm))
+        finite = bool(torch.isfinite(norm))
+        if self.value_head is not None:
+            head = torch.nn.utils.clip_grad_norm_(self.value_head.parameters(), self.config.model.v_head_max_grad_norm)
+            finite &= bool(torch.isfinite(head))
+        return norm, finite
 
     def train_step(self, microbatches) -> dict[str, float]:
-        """One optimizer step over this rank's microbatches: loss / accumulation, backward, clip, step."""
+        """One optimizer step over this rank's microbatches: loss / accumulation, backward, clip, step.
+
+        Each microbatch loss is a mean over its items, divided by the accumulation steps; FSDP (or
+        `average_gradients`) averages over ranks. Loaders give every (ranks x accumulation) split of a global
+        batch the same equal-sized microbatches, so 1 process x 2 steps and 2 processes x 1 step give one update."""
         self.policy.train()
         started = time.perf_counter()
         context = self.step_context(microbatches)
@@ -156,9 +178,10 @@ class BasicTrainer:
             tokens, positions = tokens + policy.tokens, positions + policy.positions
             for k, v in metrics.items():
                 per_example.setdefault(k, []).append(self.gather(v))
-        grad_norm = self.clip_gradients()
-        bad_ranks = self.all_reduce_sum(torch.tensor(0.0 if finite else 1.0, device=self.device))
-        self.apply_or_skip(bool(bad_ranks == 0) and bool(torch.isfinite(grad_norm)))
+        distributed.average_gradients(self.replicated, self.world_size)
+        grad_norm, grads_finite = self.clip_gradients()
+        bad_ranks = self.all_reduce_sum(torch.tensor(0.0 if finite and grads_finite else 1.0, device=self.device))
+        self.apply_or_skip(bool(bad_ranks == 0))
         elapsed = time.perf_counter() - started
         out = _mean_metrics(per_example)
         stats = self.all_reduce_sum(torch.tensor([float(tokens), float(positions)], device=self.device)).tolist()
@@ -169,7 +192,8 @@ class BasicTrainer:
         return out
 
     def apply_or_skip(self, finite: bool) -> None:
-        """Take the step, or skip a non-finite one; too many in a row stops the run (last checkpoint kept)."""
+        """Take the step, or skip a non-finite one (no update, counted in `skipped_steps`); max_nonfinite_steps
+        in a row stop the run with TrainingError before anything is saved, so the last good checkpoint stays."""
         if finite:
             self.optimizer.step()
             self.nonfinite_in_row = 0
@@ -177,9 +201,13 @@ class BasicTrainer:
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1
             if self.nonfinite_in_row >= self.config.max_nonfinite_steps:
+                latest = self.run_dir / "LATEST"
+                kept = f"the last good checkpoint {latest.resolve()} was kept" if latest.exists() else \
+                    "no checkpoint was written"
                 raise TrainingError(
-                    f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step}: lower lr, check data "
-                    f"or dtype; the last good checkpoint in {self.run_dir / 'LATEST'} was kept")
+                    f"{self.nonfinite_in_row} non-finite steps in a row (loss or gradient NaN/inf) up to step "
+                    f"{self.step + 1}, max_nonfinite_steps={self.config.max_nonfinite_steps}: lower lr, check the "
+                    f"data or use float32; {kept}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
@@ -220,31 +248,31 @@ class BasicTrainer:
     def train(self) -> None:
         """Run until the loader is exhausted: eval every `eval_every` examples, checkpoint, final save."""
         accum = self.config.model.gradient_accumulation_steps
-        bar = tqdm(total=len(self.train_loader), initial=self.step, disable=self.rank != 0, desc="train",
-                   dynamic_ncols=True)
         next_eval = (self.examples_seen // self.config.eval_every + 1) * self.config.eval_every
-        if self.step == 0 and self.config.do_first_eval:
+        if self.step == 0 and self.config.do_first_eval and self.eval_loader is not None:
             self.log(self.evaluate())
         next_ckpt = self.next_checkpoint_at()
         microbatches = []
-        for batch in self.train_loader:
-            microbatches.append(batch)
-            if len(microbatches) < accum:
-                continue
-            metrics = self.train_step(microbatches)
-            microbatches = []
-            self.step += 1
-            self.examples_seen += self.config.model.batch_size
-            if self.examples_seen >= next_eval:
-                metrics.update(self.evaluate())
-                next_eval += self.config.eval_every
-            self.log(metrics)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
-            if next_ckpt is not None and self.examples_seen >= next_ckpt:
-                self.save(intermediate=True)
-                next_ckpt += self.config.intermediate_checkpoints
-        bar.close()
+        with tqdm(total=len(self.train_loader), initial=self.step, disable=self.rank != 0, desc="train",
+                  dynamic_ncols=True) as bar:  # closed on errors too, so an error message is the last line
+            for batch in self.train_loader:
+                microbatches.append(batch)
+                if len(microbatches) < accum:
+                    continue
+                metrics = self.train_step(microbatches)
+                microbatches = []
+                self.step += 1
+                self.examples_seen += self.config.model.batch_size
+                if self.examples_seen >= next_eval:
+                    metrics.update(self.evaluate())
+                    next_eval += self.config.eval_every
+                self.log(metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
+                if next_ckpt is not None and self.examples_seen >= next_ckpt:
+                    if self.step < len(self.train_loader):  # the final save follows the last step
+                        self.save(intermediate=True)
+                    next_ckpt = self.next_checkpoint_at()
         self.save()
 
     def next_checkpoint_at(self):
@@ -255,16 +283,20 @@ class BasicTrainer:
 
     def training_state(self) -> dict:
         return {"step": self.step, "examples_seen": self.examples_seen, "nonfinite_total": self.nonfinite_total,
-                "data": self.train_loader.state_dict()}
+                "nonfinite_in_row": self.nonfinite_in_row, "data": self.train_loader.state_dict()}
 
     def save(self, intermediate: bool = False) -> None:
         checkpoints.save(self, intermediate=intermediate)
 
     def resume_from(self, run_dir) -> None:
+        """Policy, optimizer, scheduler, RNG, step and data position from run_dir/LATEST; metrics logged after
+        that checkpoint (by a run killed later) are dropped so the resumed run rewrites them."""
         state = checkpoints.load_resume_state(self, run_dir)
         self.step, self.examples_seen = state["step"], state["examples_seen"]
-        self.nonfinite_total = state["nonfinite_total"]
+        self.nonfinite_total, self.nonfinite_in_row = state["nonfinite_total"], state["nonfinite_in_row"]
         self.train_loader.load_state_dict(state["data"])
+        if self.rank == 0:
+            checkpoints.truncate_metrics(self.metrics_path, self.step)
 
 
 # ====================================================================== losses on one forward
@@ -408,7 +440,8 @@ class GroupTrainer(BasicTrainer):
                                                            self.config.loss.alpha)
         best = rewards.argmax(-1, keepdim=True)
         worst = rewards.argmin(-1, keepdim=True)
-        metrics = preference_metrics(model_rewards.gather(1, best).squeeze(1), model_rewards.gather(1, worst).squeeze(1),
+        metrics = preference_metrics(model_rewards.gather(1, best).squeeze(1),
+                                     model_rewards.gather(1, worst).squeeze(1),
                                      pol.detach().gather(1, best).squeeze(1), pol.detach().gather(1, worst).squeeze(1))
         metrics["loss"] = per_example.detach()
         return per_example.mean(), metrics
@@ -452,11 +485,6 @@ class PPOTrainer(BasicTrainer):
         torch.nn.init.normal_(head.weight, std=1 / (hidden + 1))
         torch.nn.init.zeros_(head.bias)
         return head.to(next(policy.parameters()).device)
-
-    def clip_gradients(self) -> torch.Tensor:
-        torch.nn.utils.clip_grad_norm_(self.value_head.parameters(), self.config.model.v_head_max_grad_norm)
-        return torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad],
-                                              self.config.model.max_grad_norm)
 
     def loss_sequences(self, batch):
         return batch["sequences"][: len(batch["scores"])]

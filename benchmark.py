@@ -1,0 +1,527 @@
+"""Throughput benchmark: this framework's trainers side by side with TRL's DPOTrainer (a benchmark, not a test).
+
+    python benchmark.py                                  # DPO on HH and wordsort, ours vs TRL, live + cached
+    python benchmark.py --steps 5 --datasets wordsort    # quicker
+    python benchmark.py --skip-trl --losses nca kto      # ours only
+    python benchmark.py --scaling                        # step time vs sequence length and K, cache pass vs size
+
+Every configuration runs in its own subprocess, one after the other (clean peak RSS, no shared state). Ours is
+the real trainer built by `train.setup` from the real config (tiny model, packed layout); TRL's DPOTrainer gets
+the same tiny model and seed-0 init, an explicit frozen reference, and exactly the token ids our loader produced
+(same pairs, same order, same truncation), fp32, no gradient checkpointing, batch 8 pairs, max_length 256.
+
+Definitions (docs/performance.md): tokens = sum over the sequences a step forwards of len(prompt) + len(response)
+(a pair counts prompt+chosen + prompt+rejected: what an unshared, unpadded forward processes), padding excluded,
+counted identically for both; steady state = the steps after `--warmup`, wall clock between step ends (data,
+forward, backward, optimizer, logging all included); peak RSS = the subprocess's ru_maxrss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+UNITS = {"dpo": "pairs", "nca": "groups", "kto": "items"}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+
+
+# ---------------------------------------------------------------- configuration shared by both sides
+
+
+def hh_train_alias(data_dir: Path, work: Path) -> Path:
+    """A data_dir whose hh_rlhf/<subset>/train.jsonl.gz link to the local test files (the shared samples hold
+    only HH's test split), so `train.setup` loads HH unchanged."""
+    alias = work / "data"
+    for subset in sorted((data_dir / "hh_rlhf").iterdir()):
+        if (subset / "test.jsonl.gz").is_file():
+            (alias / "hh_rlhf" / subset.name).mkdir(parents=True, exist_ok=True)
+            link = alias / "hh_rlhf" / subset.name / "train.jsonl.gz"
+            if not link.exists():
+                link.symlink_to((subset / "test.jsonl.gz").resolve())
+    return alias
+
+
+def compose(spec: dict, work: Path):
+    """The real Hydra config for one run of ours."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    overrides = [f"loss={spec['loss']}", "model=tiny", f"datasets=[{spec['dataset']}]", f"cache_dir={work}/runs",
+                 f"reference_cache_dir={work}/refcache", f"model.batch_size={spec['batch']}",
+                 f"model.max_length={spec['max_length']}", f"model.max_prompt_length={spec['max_length'] // 2}",
+                 f"model.forward_layout={spec['layout']}", f"cache_reference_logprobs={spec['cached']}",
+                 f"n_examples={spec['batch'] * (spec['warmup'] + spec['steps'])}", "n_eval_examples=0",
+                 "do_first_eval=false", "warmup_steps=0", "export_hf=false", "exp_name=bench", "overwrite=true"]
+    if spec["dataset"] == "hh":
+        overrides.append(f"data_dir={hh_train_alias(Path(spec['data_dir']), work)}")
+    if spec["loss"] == "nca":
+        overrides += [f"loss.data.n_responses={spec['k']}", f"++dataset_options.wordsort.k={spec['k']}"]
+    with initialize_config_dir(config_dir=str(REPO / "config"), version_base=None):
+        return hydra_compose("config", overrides=overrides)
+
+
+def sequence_tokens(sequences) -> int:
+    return sum(len(s.prompt_ids) + len(s.response_ids) for s in sequences)
+
+
+def summarize(times: list[float], tokens: list[int], units: list[int], warmup: int) -> dict:
+    t, n, u = sum(times[warmup:]), sum(tokens[warmup:]), sum(units[warmup:])
+    return {"tokens_per_s": n / t, "units_per_s": u / t, "s_per_step": t / len(times[warmup:]),
+            "tokens_per_step": n / len(tokens[warmup:])}
+
+
+# ---------------------------------------------------------------- ours
+
+
+def run_ours(spec: dict, work: Path) -> dict:
+    import torch
+
+    import train
+    import throughput
+
+    cfg = compose(spec, work)
+    with timed_reference_pass() as reference_pass:
+        trainer = train.setup(cfg, 0, 1, torch.device("cpu"))
+    live = trainer.reference is not None
+    times, seen, padding = [], [], []
+    batches = iter(trainer.train_loader)
+    last = time.perf_counter()
+    for _ in range(spec["warmup"] + spec["steps"]):
+        batch = next(batches)
+        metrics = trainer.train_step([batch])
+        now = time.perf_counter()
+        times.append(now - last)
+        seen.append(batch)
+        padding.append(metrics["padding_fraction"])
+        last = time.perf_counter()  # bookkeeping outside the measured time
+    tokens = [sequence_tokens(b["sequences"]) for b in seen]
+    units = [len(b["prompts"]) for b in seen]
+    work_done = [step_work(trainer.policy.config, trainer.loss_sequences(b), b["sequences"], live) for b in seen]
+    computed, flops = [n for n, _ in work_done], [f for _, f in work_done]
+    w = spec["warmup"]
+    out = summarize(times, tokens, units, w)
+    out.update(reference_pass_s=reference_pass["seconds"], padding_fraction=sum(padding[w:]) / len(padding[w:]),
+               sharing_saving=1 - sum(computed[w:]) / sum(tokens[w:]),
+               mfu=throughput.mfu(sum(flops[w:]), sum(times[w:]), throughput.peak_flops(None, torch.device("cpu"))))
+    return out
+
+
+@contextlib.contextmanager
+def timed_reference_pass():
+    """Time `ref_cache.build` (the cache pass `train.setup` runs) by wrapping the real function."""
+    import ref_cache
+
+    record = {"seconds": None}
+    build = ref_cache.build
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return build(*args, **kwargs)
+        finally:
+            record["seconds"] = time.perf_counter() - started
+
+    ref_cache.build = timed
+    try:
+        yield record
+    finally:
+        ref_cache.build = build
+
+
+def run_setup(spec: dict, work: Path) -> dict:
+    """Only `train.setup` with the reference cache pass, whose seconds are returned."""
+    import torch
+
+    import train
+
+    with timed_reference_pass() as reference_pass:
+        train.setup(compose(spec, work), 0, 1, torch.device("cpu"))
+    return {"reference_pass_s": reference_pass["seconds"]}
+
+
+def step_work(config, trained, sequences, live: bool) -> tuple[int, float]:
+    """(positions our policy forwards compute, model FLOPs of the step) in the packed layout: the loss's
+    sequences get forward + backward; the rest (KTO's KL partners) a no-grad policy forward; a live reference
+    forwards all. Each forward shares prompts within itself and computes logits at response positions only."""
+    from logprobs import pack
+    from throughput import causal_context, forward_flops, training_flops
+
+    rest = list(sequences[len(trained):])
+    computed, flops = 0, 0.0
+    for seqs, with_grad in [(list(trained), True)] + ([(rest, False)] if rest else []):
+        n = pack(seqs).input_ids.shape[1]
+        context = causal_context(len(s.prompt_ids) + len(s.response_ids) for s in seqs)
+        logits = sum(len(s.response_ids) for s in seqs)
+        computed += n
+        flops += (training_flops if with_grad else forward_flops)(config, n, context, logits)
+        flops += forward_flops(config, n, context, logits) if live else 0.0
+    return computed, flops
+
+
+# ---------------------------------------------------------------- TRL
+
+
+def trl_rows(spec: dict, work: Path):
+    """The pairs of our loader's first steps, in order, as TRL's pre-tokenised columns (+ config, tokenizer)."""
+    import models
+    import train
+
+    cfg = compose(spec, work)
+    tokenizer = models.load_tokenizer(cfg.model.tokenizer_name_or_path)
+    loader = train.make_loader(cfg, tokenizer, train.load_datasets(cfg, "train"), split="train", rank=0,
+                               world_size=1, train=True)
+    rows = []
+    for batch, _ in zip(loader, range(spec["warmup"] + spec["steps"])):
+        b = len(batch["prompts"])
+        for c, r in zip(batch["sequences"][:b], batch["sequences"][b:]):
+            rows.append({"prompt_ids": list(c.prompt_ids), "chosen_ids": list(c.response_ids),
+                         "rejected_ids": list(r.response_ids)})
+    return rows, cfg, tokenizer
+
+
+def run_trl(spec: dict, work: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    import models
+    import throughput
+
+    rows, cfg, tokenizer = trl_rows(spec, work)
+
+    class SameTokensDPOTrainer(DPOTrainer):
+        """TRL's DPOTrainer fed our token ids: its own tokenisation step returns the dataset unchanged."""
+
+        reference_pass_s = None
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+        def _precompute_ref_logps(self, *args, **kwargs):
+            started = time.perf_counter()
+            out = super()._precompute_ref_logps(*args, **kwargs)
+            type(self).reference_pass_s = time.perf_counter() - started
+            return out
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    policy = models.build_model(cfg.model.name_or_path, torch.float32, seed=cfg.model.init_seed)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    n_steps = spec["warmup"] + spec["steps"]
+    args = DPOConfig(
+        output_dir=str(work / "trl"), per_device_train_batch_size=spec["batch"], max_steps=n_steps,
+        learning_rate=float(cfg.lr), beta=float(cfg.loss.beta), max_length=spec["max_length"],
+        precompute_ref_log_probs=spec["cached"], gradient_checkpointing=False, bf16=False, use_cpu=True,
+        report_to=[], logging_steps=n_steps, save_strategy="no", eval_strategy="no",
+        train_sampling_strategy="sequential", lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=float(cfg.model.max_grad_norm), optim="adamw_torch", seed=cfg.seed, dataloader_num_workers=0,
+        disable_tqdm=True)
+    clock = Clock()
+    trl = SameTokensDPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+                               processing_class=tokenizer, callbacks=[clock])
+    fresh = models.build_model(cfg.model.name_or_path, torch.float32, seed=cfg.model.init_seed)  # TRL patched its own
+    agreement = reference_agreement(trl.train_dataset, fresh) if spec["cached"] else None
+    trl.train()
+    times = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    tokens, units, positions, flops = [], [], [], []
+    for step in range(len(times)):
+        pairs = rows[step * spec["batch"]: (step + 1) * spec["batch"]]
+        lengths = [len(p["prompt_ids"]) + len(p[k]) for p in pairs for k in ("chosen_ids", "rejected_ids")]
+        tokens.append(sum(lengths))
+        units.append(len(pairs))
+        positions.append(len(lengths) * max(lengths))  # chosen and rejected rows padded to the longest
+        context = throughput.causal_context(lengths)  # FLOPs of the non-pad positions only
+        flops.append(throughput.training_flops(policy.config, sum(lengths), context)
+                     + (0.0 if spec["cached"] else throughput.forward_flops(policy.config, sum(lengths), context)))
+    w = spec["warmup"]
+    out = summarize(times, tokens, units, w)
+    out.update(reference_pass_s=SameTokensDPOTrainer.reference_pass_s, reference_max_abs_diff=agreement,
+               padding_fraction=1 - sum(tokens[w:]) / sum(positions[w:]), sharing_saving=0.0,
+               mfu=throughput.mfu(sum(flops[w:]), sum(times[w:]), throughput.peak_flops(None, torch.device("cpu"))))
+    return out
+
+
+def reference_agreement(dataset, reference) -> float:
+    """Largest |TRL's precomputed reference log-prob - ours (packed layout)| over the run's pairs: both sides
+    score the same sequences the same way."""
+    import torch
+
+    from dataloader import Sequence
+    from logprobs import packed_logps
+
+    worst = 0.0
+    with torch.no_grad():
+        for start in range(0, len(dataset), 32):
+            rows = dataset[start: start + 32]
+            seqs = [Sequence(tuple(p), tuple(r)) for key in ("chosen_ids", "rejected_ids")
+                    for p, r in zip(rows["prompt_ids"], rows[key])]
+            ours = packed_logps(reference, seqs).sums
+            theirs = torch.tensor(rows["ref_chosen_logps"] + rows["ref_rejected_logps"])
+            worst = max(worst, (ours - theirs).abs().max().item())
+    return worst
+
+
+# ---------------------------------------------------------------- one configuration per subprocess
+
+
+def run_one(spec: dict) -> dict:
+    """Run one configuration in this process and return its figures (+ peak RSS)."""
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        work = Path(tmp)
+        runner = {"trl": run_trl, "ours": run_ours, "setup": run_setup}[spec["impl"]]
+        out = runner(spec, work)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
+def launch(spec: dict) -> dict:
+    """`run_one` in a fresh interpreter; its figures come back as the last line of stdout."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, **OFFLINE})
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise SystemExit(f"benchmark run {spec['impl']} {spec['loss']} {spec['dataset']} failed:\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def plan(args) -> list[dict]:
+    """Configurations in run order: per dataset, DPO ours/TRL live/cached; then NCA K and KTO (ours)."""
+    base = {"batch": args.batch, "max_length": args.max_length, "steps": args.steps, "warmup": args.warmup,
+            "threads": args.threads, "data_dir": str(args.data_dir), "layout": "packed", "k": args.k}
+    specs = []
+    for dataset in args.datasets:
+        for loss in args.losses:
+            if loss == "nca" and dataset == "hh":
+                continue  # HH has pairs only: K=2
+            for cached in (False, True):
+                specs.append({**base, "impl": "ours", "loss": loss, "dataset": dataset, "cached": cached})
+                if loss == "dpo" and not args.skip_trl:
+                    specs.append({**base, "impl": "trl", "loss": loss, "dataset": dataset, "cached": cached})
+    return specs
+
+
+def table(results: list[tuple[dict, dict]]) -> str:
+    """A markdown table; the ratio column divides our tokens/s by TRL's for the same dataset and reference mode."""
+    trl = {(s["dataset"], s["cached"]): r for s, r in results if s["impl"] == "trl"}
+    lines = ["| run | dataset | reference | tokens/s | units/s | s/step | padding | shared prompt saving | MFU "
+             "| peak RSS MB | reference pass s | vs TRL |", "|" + "---|" * 12]
+    for s, r in results:
+        name = "TRL DPOTrainer" if s["impl"] == "trl" else f"ours {s['loss']}" + (f" K={s['k']}" if s["loss"] == "nca"
+                                                                                 else "")
+        twin = trl.get((s["dataset"], s["cached"])) if s["impl"] == "ours" and s["loss"] == "dpo" else None
+        ratio = f"{r['tokens_per_s'] / twin['tokens_per_s']:.2f}x" if twin else "-"
+        mode = ("precomputed" if s["impl"] == "trl" else "cached") if s["cached"] else "live"
+        lines.append(f"| {name} | {s['dataset']} | {mode} | {r['tokens_per_s']:.0f} | {r['units_per_s']:.2f} "
+                     f"{UNITS[s['loss']]} | {r['s_per_step']:.3f} | {r['padding_fraction']:.1%} | "
+                     f"{r['sharing_saving']:.1%} | {r['mfu']:.1%} | {r['peak_rss_mb']:.0f} | "
+                     f"{'-' if r['reference_pass_s'] is None else format(r['reference_pass_s'], '.1f')} | "
+                     f"{ratio} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- scaling report (in this process)
+
+
+def synthetic(groups: int, k: int, prompt: int, response: int, seed: int = 0):
+    """`groups` prompts of `prompt` random tokens, each with `k` responses of `response` tokens."""
+    import torch
+
+    from dataloader import Sequence
+
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: tuple(torch.randint(10, 4000, (n,), generator=g).tolist())  # noqa: E731
+    return [Sequence(p, ids(response)) for p in (ids(prompt) for _ in range(groups)) for _ in range(k)]
+
+
+def time_forward_backward(model, sequences, layout: str, repeats: int) -> float:
+    """Best seconds of one policy forward + backward of `sequences` in `layout`."""
+    from logprobs import sequence_logps
+
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warmup
+        started = time.perf_counter()
+        sequence_logps(model, sequences, 1, layout).sums.sum().backward()
+        best = min(best, time.perf_counter() - started)
+        model.zero_grad(set_to_none=True)
+    return best
+
+
+def scaling_rows(model, repeats: int) -> tuple[list[str], list[str]]:
+    """Policy forward+backward time of 8 pairs against sequence length, and of 8 groups against K."""
+    lengths = ["| prompt + response tokens | packed s | padded s | packed tokens | padded positions |", "|---|---|---|---|---|"]
+    for total in (64, 128, 256, 512):
+        seqs = synthetic(8, 2, total // 2, total // 2)
+        packed, padded = (time_forward_backward(model, seqs, lay, repeats) for lay in ("packed", "padded"))
+        lengths.append(f"| {total} | {packed:.3f} | {padded:.3f} | {8 * (total // 2) * 3} | {16 * total} |")
+    ks = ["| K | packed s | padded s | packed tokens (P + K R per group) | padded positions (K (P + R)) |",
+          "|---|---|---|---|---|"]
+    for k in (2, 4, 8):
+        seqs = synthetic(8, k, 128, 32)
+        packed, padded = (time_forward_backward(model, seqs, lay, repeats) for lay in ("packed", "padded"))
+        ks.append(f"| {k} | {packed:.3f} | {padded:.3f} | {8 * (128 + 32 * k)} | {8 * k * 160} |")
+    return lengths, ks
+
+
+def cache_pass_rows(args) -> list[str]:
+    """Seconds of the reference cache pass (`ref_cache.build` inside `train.setup`) against DPO pairs."""
+    dataset = "hh" if (args.data_dir / "hh_rlhf").is_dir() else "wordsort"
+    rows = [f"| {dataset} pairs | sequences | cache pass s | pairs/s |", "|---|---|---|---|"]
+    for pairs in (64, 128, 256, 512):
+        spec = {"batch": args.batch, "max_length": args.max_length, "steps": pairs // args.batch, "warmup": 0,
+                "threads": args.threads, "data_dir": str(args.data_dir), "layout": "packed", "k": args.k,
+                "loss": "dpo", "dataset": dataset, "impl": "setup", "cached": True}
+        seconds = launch(spec)["reference_pass_s"]
+        rows.append(f"| {pairs} | {2 * pairs} | {seconds:.1f} | {pairs / seconds:.0f} |")
+    return rows
+
+
+PROFILE_GROUPS = {"matmul (linear layers, LM head)": ("aten::mm", "aten::addmm", "aten::bmm"),
+                  "attention (sdpa fwd+bwd)": ("scaled_dot_product",),
+                  "gather/scatter (layout, attention rows)": ("index_select", "index_add", "gather", "scatter",
+                                                              "index", "embedding"),
+                  "log-softmax (logsumexp)": ("logsumexp", "exp", "sub"),
+                  "optimizer (AdamW)": ("_foreach", "lerp", "addcdiv", "addcmul", "sqrt")}
+
+
+def profile_rows(args) -> list[str]:
+    """Where a DPO step's CPU time goes (ours, cached reference, HH or wordsort), by operator family."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import train
+
+    dataset = "hh" if (args.data_dir / "hh_rlhf").is_dir() else "wordsort"
+    spec = {"batch": args.batch, "max_length": args.max_length, "steps": 4, "warmup": 1, "threads": args.threads,
+            "data_dir": str(args.data_dir), "layout": "packed", "k": args.k, "loss": "dpo", "dataset": dataset,
+            "cached": True}
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        trainer = train.setup(compose(spec, Path(tmp)), 0, 1, torch.device("cpu"))
+        batches = iter(trainer.train_loader)
+        trainer.train_step([next(batches)])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(spec["steps"]):
+                trainer.train_step([next(batches)])
+    totals = {name: 0.0 for name in [*PROFILE_GROUPS, "other (norms, activations, rotary, autograd)"]}
+    for event in prof.key_averages():
+        name = next((g for g, keys in PROFILE_GROUPS.items() if any(k in event.key for k in keys)),
+                    "other (norms, activations, rotary, autograd)")
+        totals[name] += event.self_cpu_time_total
+    whole = sum(totals.values())
+    rows = [f"| operator family ({dataset}) | share of CPU time |", "|---|---|"]
+    return rows + [f"| {name} | {value / whole:.1%} |" for name, value in totals.items()]
+
+
+def scaling_report(args) -> str:
+    import torch
+
+    import models
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = models.build_model("tiny", torch.float32, seed=0)
+    lengths, ks = scaling_rows(model, repeats=2)
+    parts = ["Policy forward + backward, 8 pairs (prompt = response = half the length):", *lengths, "",
+             "Policy forward + backward, 8 groups, prompt 128 + K responses of 32 tokens:", *ks, "",
+             "Reference cache pass (no-grad packed forwards + SQLite writes):", *cache_pass_rows(args),
+             "", "Profile of ours, DPO, cached reference:", *profile_rows(args)]
+    return "\n".join(parts)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=10, help="measured steps per run (after the warmup)")
+    p.add_argument("--warmup", type=int, default=2, help="steps run before measuring")
+    p.add_argument("--datasets", nargs="+", default=["hh", "wordsort"], choices=["hh", "wordsort"])
+    p.add_argument("--losses", nargs="+", default=["dpo", "nca", "kto"], choices=["dpo", "nca", "kto"])
+    p.add_argument("--skip-trl", action="store_true", help="run only this framework")
+    p.add_argument("--batch", type=int, default=8, help="pairs / groups / items per step")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--k", type=int, default=4, help="responses per NCA group")
+    p.add_argument("--repeats", type=int, default=1, help="run the whole plan this many times; report medians")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="the shared data samples (for hh)")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--scaling", action="store_true", help="print the scaling report instead")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.one:
+        sys.path.insert(0, str(REPO))
+        print(json.dumps(run_one(json.loads(args.one))), flush=True)
+        return
+    if args.scaling:
+        print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+        print(scaling_report(args))
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        return
+    if "hh" in args.datasets and not (args.data_dir / "hh_rlhf").is_dir():
+        raise SystemExit(f"error: {args.data_dir / 'hh_rlhf'} not found: pass --data-dir <shared data> or "
+                         "--datasets wordsort")
+    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    runs = []  # (spec, [result per repeat])
+    for spec in plan(args):
+        runs.append((spec, []))
+    for repeat in range(args.repeats):  # whole plan per repeat: ours and TRL alternate under the same load
+        for spec, results in runs:
+            started = time.perf_counter()
+            results.append(launch(spec))
+            print(f"[{repeat + 1}/{args.repeats}] {spec['impl']:4s} {spec['loss']} {spec['dataset']:8s} "
+                  f"{'cached' if spec['cached'] else 'live':6s} {results[-1]['tokens_per_s']:7.0f} tokens/s  "
+                  f"{results[-1]['s_per_step']:.3f} s/step  ({time.perf_counter() - started:.0f}s)", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}\n")
+    print(table([(spec, median_run(results)) for spec, results in runs]))
+    print(ratio_lines(runs))
+    if args.json:
+        args.json.write_text(json.dumps([{"spec": s, "results": r} for s, r in runs], indent=1))
+
+
+def ratio_lines(runs) -> str:
+    """Per-repeat DPO ratios (ours / TRL tokens/s) and the reference log-prob agreement on the same pairs."""
+    lines, by_key = [], {(s["impl"], s["loss"], s["dataset"], s["cached"]): r for s, r in runs}
+    for (impl, loss, dataset, cached), trl in by_key.items():
+        ours = by_key.get(("ours", loss, dataset, cached))
+        if impl != "trl" or ours is None:
+            continue
+        ratios = ", ".join(f"{o['tokens_per_s'] / t['tokens_per_s']:.2f}x" for o, t in zip(ours, trl))
+        lines.append(f"DPO {dataset} {'cached vs precomputed' if cached else 'live'}: ours/TRL per repeat {ratios}")
+        if cached:
+            worst = max(t["reference_max_abs_diff"] for t in trl)
+            lines.append(f"  TRL's precomputed reference log-probs vs ours on the same pairs: max |diff| {worst:.2e}")
+    return "\n".join(lines)
+
+
+def median_run(results: list[dict]) -> dict:
+    """The repeat with the median tokens/s (all its figures together)."""
+    return sorted(results, key=lambda r: r["tokens_per_s"])[len(results) // 2]
+
+
+if __name__ == "__main__":
+    main()

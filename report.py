@@ -1,0 +1,391 @@
+"""The demo report: true-reward table, win rates against the SFT model, held-out chosen log-likelihood, plots.
+
+    python report.py demo_out          # rebuild demo_out/report/ from the demo's manifest and files
+
+Reads `<out>/manifest.json` (written by demo.py: run directories, samples files, settings, stage timings) and
+writes `<out>/report/`: report.md (the table), results.json, training_curves.png, chosen_logp.png and
+true_reward.png. The folder is built aside and swapped in, so a failure never leaves a half-written report.
+
+Statistics (per loss, over the same held-out prompts as the SFT model):
+- mean true reward (task.true_reward, 0-10) with a 95% normal interval, mean +- 1.96 s / sqrt(n);
+- the gain over SFT: the same interval over the per-prompt differences (a paired comparison); "higher" or
+  "lower" when it excludes zero;
+- win / tie / loss against the SFT model, prompt by prompt by true reward; the win rate's 95% interval is
+  Wilson's (Wilson 1927), over all n prompts with ties counted apart (neither win nor loss);
+- held-out chosen log-likelihood: mean log p(best response | prompt), summed over response tokens, on test
+  prompts, minus the SFT model's: the quantity of the NCA paper's Figure 2 (Chen et al. 2024), which DPO
+  lowers and NCA keeps up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import matplotlib
+import torch
+from omegaconf import OmegaConf
+
+matplotlib.use("Agg")   # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+import checkpoints  # noqa: E402
+import dataloader  # noqa: E402
+import models  # noqa: E402
+import task  # noqa: E402
+import train  # noqa: E402
+from feedback import DataError  # noqa: E402
+from logprobs import sequence_logps  # noqa: E402
+
+Z95 = 1.959963984540054
+BASELINE = "sft"
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def mean_ci(values: list[float], z: float = Z95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean with a normal 95% interval, mean +- z s / sqrt(n) (s: sample std)."""
+    n = len(values)
+    if n == 0:
+        raise DataError("mean_ci: no values (the samples file has no samples)")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, mean, mean
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = z * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of k successes in n trials (Wilson 1927)."""
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_tie_loss(candidate: dict[str, float], baseline: dict[str, float]) -> tuple[int, int, int]:
+    """Per prompt (matched by sample id): candidate reward above / equal to / below the baseline's."""
+    common = sorted(set(candidate) & set(baseline))
+    if not common or len(common) != len(candidate) or len(common) != len(baseline):
+        raise DataError(f"win rate: the samples files share {len(common)} of {len(candidate)} / {len(baseline)} "
+                        "prompts; sample every model with the same seed and n_samples")
+    wins = sum(candidate[i] > baseline[i] for i in common)
+    losses = sum(candidate[i] < baseline[i] for i in common)
+    return wins, len(common) - wins - losses, losses
+
+
+def verdict(low: float, high: float) -> str:
+    """Whether a paired 95% interval of reward differences excludes zero."""
+    return "higher" if low > 0 else "lower" if high < 0 else "no clear change"
+
+
+def ema(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average (bias-corrected), for readable training curves."""
+    out, acc = [], 0.0
+    for t, v in enumerate(values, start=1):
+        acc = weight * acc + (1 - weight) * v
+        out.append(acc / (1 - weight ** t))
+    return out
+
+
+# ---------------------------------------------------------------- reading the demo's files
+
+
+def read_json(path: Path, what: str):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist; run `python demo.py` first (it writes it)") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{what} {path} is not valid JSON ({e}); rerun `python demo.py`") from None
+
+
+def true_rewards(samples_path: Path) -> dict[str, float]:
+    """sample id -> true reward of the policy output (task.score_samples)."""
+    samples = read_json(samples_path, "samples file")["samples"]
+    return dict(zip((s["id"] for s in samples), task.score_samples(samples)))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl records (one per step, eval records included)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; the run did not finish: rerun `python demo.py`")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric, where the records have it."""
+    pairs = [(r["step"], r[key]) for r in records if key in r]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+# ---------------------------------------------------------------- held-out chosen log-likelihood
+
+
+def heldout_chosen_logp(run_dir: Path, n_prompts: int) -> float:
+    """Mean summed log p(best response | prompt) of the run's final policy on its first n test prompts."""
+    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
+    examples = [ex for ds in train.load_datasets(cfg, "test") for ex in ds.examples][:n_prompts]
+    tokenizer = models.load_tokenizer(cfg.model.tokenizer_name_or_path)
+    model = models.build_model(cfg.model.name_or_path, torch.float32, attn_implementation=cfg.model.attn_implementation,
+                               vocab_size=len(tokenizer))
+    model.load_state_dict(checkpoints.load_policy_weights(checkpoints.latest_dir(run_dir) / "policy.pt"), strict=False)
+    fmt = dataloader.PromptFormat(cfg.model.human_prefix, cfg.model.human_suffix, cfg.model.assistant_prefix,
+                                  cfg.model.assistant_suffix, cfg.model.system_prefix)
+    templated = dataloader.uses_chat_template(tokenizer)
+    sequences = [dataloader.Sequence(
+        dataloader.encode_prompt(tokenizer, dataloader.format_prompt(ex.prompt, tokenizer, fmt), not templated),
+        dataloader.encode_response(tokenizer, ex.generations[max(range(len(ex.scores)), key=ex.scores.__getitem__)]))
+        for ex in examples]
+    with torch.no_grad():
+        sums = sequence_logps(model.eval(), sequences, tokenizer.pad_token_id, "padded").sums
+    return float(sums.mean())
+
+
+# ---------------------------------------------------------------- results
+
+
+def loss_results(name: str, rewards: dict[str, float], base: dict[str, float]) -> dict:
+    mean, low, high = mean_ci(list(rewards.values()))
+    wins, ties, losses = win_tie_loss(rewards, base)
+    n = wins + ties + losses
+    gain, gain_low, gain_high = mean_ci([rewards[i] - base[i] for i in sorted(base)])
+    return {"run": name, "n": n, "reward": mean, "reward_ci95": [low, high], "gain": gain,
+            "gain_ci95": [gain_low, gain_high], "verdict": verdict(gain_low, gain_high),
+            "perfect": sum(r == 10.0 for r in rewards.values()) / n,
+            "win": wins / n, "tie": ties / n, "lose": losses / n, "win_ci95": list(wilson(wins, n))}
+
+
+def judge_summary(out: Path, name: str):
+    """compare.py's summary for this loss against SFT, where the demo ran the judge."""
+    path = out / "judge" / f"{name}.jsonl.summary.json"
+    return read_json(path, "judge summary") if path.is_file() else None
+
+
+def collect(out: Path, manifest: dict) -> list[dict]:
+    """One result row per model (SFT first): true reward, wins against SFT, held-out chosen log-likelihood."""
+    samples = {name: out / path for name, path in manifest["samples"].items()}
+    base = true_rewards(samples[BASELINE])
+    n_logp = manifest["settings"]["n_logp_prompts"]
+    rows = []
+    for name in manifest["runs"]:
+        row = loss_results(name, true_rewards(samples[name]), base)
+        row["chosen_logp"] = heldout_chosen_logp(out / manifest["runs"][name], n_logp)
+        row["train_cpu_s"] = manifest["timings"].get(f"train {name}", {}).get("cpu")
+        row["judge"] = judge_summary(out, name) if manifest.get("judge") else None
+        rows.append(row)
+    sft_logp = rows[0]["chosen_logp"]   # manifest["runs"] lists SFT first
+    for row in rows:
+        row["chosen_logp_change"] = row["chosen_logp"] - sft_logp
+    return rows
+
+
+# ---------------------------------------------------------------- the table
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown results table, one row per model (SFT first)."""
+    judged = any(r["judge"] for r in rows)
+    head = ["run", "true reward (95% CI)", "gain over SFT, paired (95% CI)", "perfect", "win / tie / loss vs SFT",
+            "win rate 95% CI", "Δ held-out log p(chosen)"] + (["judge win / tie / loss"] if judged else [])
+    lines = ["| " + " | ".join(head + ["train CPU s"]) + " |", "|" + "---|" * (len(head) + 1)]
+    for r in rows:
+        low, high = r["reward_ci95"]
+        base = r["run"] == BASELINE
+        cells = [r["run"], f"{r['reward']:.2f} ({low:.2f}-{high:.2f})",
+                 "—" if base else f"{r['gain']:+.2f} ({r['gain_ci95'][0]:+.2f} to {r['gain_ci95'][1]:+.2f}) "
+                                  f"{r['verdict']}", _pct(r["perfect"]),
+                 "—" if base else f"{_pct(r['win'])} / {_pct(r['tie'])} / {_pct(r['lose'])}",
+                 "—" if base else f"{_pct(r['win_ci95'][0])}-{_pct(r['win_ci95'][1])}",
+                 f"{r['chosen_logp']:.2f} (SFT)" if base else f"{r['chosen_logp_change']:+.2f}"]
+        if judged:
+            j = r["judge"]
+            cells.append(f"{_pct(j['win']['rate'])} / {_pct(j['tie']['rate'])} / {_pct(j['loss']['rate'])}"
+                         if j and j["decided"] else "—")
+        cells.append("—" if r["train_cpu_s"] is None else f"{r['train_cpu_s']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def settings_text(manifest: dict) -> str:
+    """The hyper-parameters each run got (the demo's overrides of config/)."""
+    lines = []
+    for name, overrides in manifest["overrides"].items():
+        lines.append(f"- `{name}` (loss={manifest['losses'][name]}): `" + " ".join(overrides) + "`")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict], manifest: dict) -> str:
+    s = manifest["settings"]
+    times = manifest["timings"].values()
+    cpu = sum(t["cpu"] for t in times)
+    wall = max(t["end"] for t in times) - min(t["start"] for t in times)
+    judge = manifest.get("judge") or "not configured (set OPENAI_BASE_URL or pass --judge-url for judge win rates)"
+    return "\n".join([
+        "# feedbackalign demo: alignment losses on the built-in `wordsort` task",
+        "",
+        f"Machine: {manifest['machine']}. {'Quick' if s['quick'] else 'Full'} settings: {wall / 60:.1f} min wall "
+        f"clock from the first stage's start to the last one's end, {cpu / 60:.1f} min of CPU time in all. Every "
+        f"model answers the same {s['n_samples']} held-out test prompts (eval.py ++mode=sample, temperature "
+        f"{s['temperature']}); the true reward (0-10) scores each answer.",
+        "",
+        table(rows),
+        "",
+        "- true reward: mean with a 95% normal interval; perfect: share of answers with reward 10.",
+        "- gain over SFT: mean per-prompt difference in true reward with its 95% interval; higher / lower when the "
+        "interval excludes 0.",
+        "- win / tie / loss: prompt by prompt against the SFT model's answer, by true reward; ties counted apart; "
+        "win-rate interval: Wilson 95%.",
+        f"- Δ held-out log p(chosen): mean summed log-probability of the best response on {s['n_logp_prompts']} "
+        "test prompts, minus the SFT model's (NCA paper, Figure 2: DPO lowers it, NCA keeps it).",
+        f"- LLM judge: {judge}.",
+        "",
+        "![training curves](training_curves.png)",
+        "![held-out log p(chosen) and log p(rejected), DPO vs NCA](chosen_logp.png)",
+        "![true reward](true_reward.png)",
+        "",
+        "## Settings",
+        "",
+        "Each alignment run starts from the SFT checkpoint (`model.load_from=<sft run>/LATEST/policy.pt`). "
+        "Overrides passed to train.py:",
+        "",
+        settings_text(manifest),
+        "",
+        "## Stage timings (wall clock / CPU seconds)",
+        "",
+        "\n".join(f"- {stage}: {t['wall']:.0f} / {t['cpu']:.0f}" for stage, t in manifest["timings"].items()),
+        "",
+    ])
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _figure(n_panels: int):
+    cols = min(n_panels, 3)
+    rows = math.ceil(n_panels / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[n_panels:]:
+        ax.axis("off")
+    return fig, list(axes.flat)
+
+
+def plot_training_curves(metrics: dict[str, list[dict]], path: Path) -> None:
+    """One panel per run: training loss (EMA-smoothed) and the held-out eval loss."""
+    fig, axes = _figure(len(metrics))
+    for ax, (name, records) in zip(axes, metrics.items()):
+        steps, values = series(records, "loss")
+        if steps:
+            ax.plot(steps, values, color="0.8", lw=0.8)
+            ax.plot(steps, ema(values), label="train (EMA)")
+        steps, values = series(records, "eval/loss")
+        if steps:
+            ax.plot(steps, values, "o-", ms=3, label="held-out")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+FIGURE2 = (("dpo", "C0", "-"), ("nca", "C2", "-"), ("dpo-beta0.1", "C0", "--"), ("nca-beta0.1", "C2", "--"))
+
+
+def plot_chosen_logp(metrics: dict[str, list[dict]], path: Path) -> None:
+    """Held-out log p(chosen) and log p(rejected) over training, DPO versus NCA (the NCA paper's Figure 2)."""
+    fig, axes = _figure(2)
+    for ax, side in zip(axes, ("chosen", "rejected")):
+        for name, colour, style in FIGURE2:
+            steps, values = series(metrics.get(name, []), f"eval/logps/{side}")
+            if steps:
+                ax.plot(steps, values, style, color=colour, marker="o", ms=3, label=name)
+        ax.set_title(f"held-out log p({side}) during training")
+        ax.set_xlabel("step")
+        ax.set_ylabel("summed log-prob")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_true_reward(rows: list[dict], path: Path) -> None:
+    """Mean true reward per model with its 95% interval; the SFT level as a line."""
+    fig, (ax,) = _figure(1)
+    names = [r["run"] for r in rows]
+    means = [r["reward"] for r in rows]
+    errors = [[r["reward"] - r["reward_ci95"][0] for r in rows], [r["reward_ci95"][1] - r["reward"] for r in rows]]
+    ax.bar(names, means, yerr=errors, capsize=3, color=["0.6"] + ["C0"] * (len(rows) - 1))
+    ax.axhline(rows[0]["reward"], color="0.3", ls=":", lw=1)
+    ax.set_ylim(min(means) - 1.0, 10)
+    ax.set_ylabel("mean true reward (0-10)")
+    ax.set_title("true reward on held-out prompts")
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def build(out: Path) -> Path:
+    """Write `<out>/report/` from the demo's manifest; returns the report.md path."""
+    out = Path(out)
+    manifest = read_json(out / "manifest.json", "demo manifest")
+    rows = collect(out, manifest)
+    metrics = {name: read_metrics(out / run) for name, run in manifest["runs"].items()}
+    tmp = Path(tempfile.mkdtemp(prefix=".report.", dir=out))
+    try:
+        (tmp / "report.md").write_text(markdown(rows, manifest), encoding="utf-8")
+        (tmp / "results.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        plot_training_curves(metrics, tmp / "training_curves.png")
+        plot_chosen_logp(metrics, tmp / "chosen_logp.png")
+        plot_true_reward(rows, tmp / "true_reward.png")
+        swap_in(tmp, out / "report")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "report" / "report.md"
+
+
+def swap_in(new: Path, final: Path) -> None:
+    """Replace directory `final` by `new`, never leaving a missing or half-written `final` for longer than a rename."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python report.py <demo output folder, e.g. demo_out>", file=sys.stderr)
+        return 2
+    try:
+        path = build(Path(argv[0]))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path.read_text(encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,176 @@
+"""demo.py end to end (reduced), through the real entry points; report.py's statistics in closed form."""
+
+import json
+import math
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import report
+import task
+from helpers import run_script
+
+QUICK_MODELS = ["sft", "dpo", "nca", "kto", "cut"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_mean_ci_is_the_normal_interval():
+    mean, low, high = report.mean_ci([1.0, 2.0, 3.0, 4.0])
+    half = report.Z95 * math.sqrt(5 / 3) / 2   # sample variance of 1..4 is 5/3, n = 4
+    assert mean == 2.5
+    assert low == pytest.approx(2.5 - half) and high == pytest.approx(2.5 + half)
+    assert report.mean_ci([7.0]) == (7.0, 7.0, 7.0)
+
+
+def test_wilson_interval_known_value():
+    # 8 of 10: centre (0.8 + z²/20) / (1 + z²/10) = 0.7167, half-width 0.2266 -> [0.4902, 0.9433].
+    low, high = report.wilson(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    low, high = report.wilson(0, 20)
+    assert low == 0.0 and 0 < high < 0.2
+
+
+def test_win_tie_loss_counts_ties_apart_and_matches_prompts():
+    base = {"a": 5.0, "b": 10.0, "c": 7.0, "d": 0.0}
+    cand = {"a": 6.0, "b": 10.0, "c": 3.0, "d": 0.0}
+    assert report.win_tie_loss(cand, base) == (1, 2, 1)
+    with pytest.raises(report.DataError, match="share 3 of 4"):
+        report.win_tie_loss({"a": 1.0, "b": 1.0, "c": 1.0, "x": 1.0}, base)
+
+
+def test_ema_is_bias_corrected():
+    assert report.ema([3.0, 3.0, 3.0]) == pytest.approx([3.0, 3.0, 3.0])
+
+
+def test_report_cli_names_the_missing_manifest(tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json does not exist" in err and "demo.py" in err
+    assert not (tmp_path / "report").exists()
+
+
+# ---------------------------------------------------------------- the demo, as a user runs it
+
+SHOWN = re.compile(r"\[Conversation\]\n(.*?)\n\[End of conversation\].*?\[Response A\]\n(.*?)\n\[End of response A\]"
+                   r".*?\[Response B\]\n(.*?)\n\[End of response B\]", re.DOTALL)
+
+
+class OracleJudge:
+    """An OpenAI-compatible /v1/chat/completions server that judges by the true reward: a judge whose
+    verdicts we know, so compare.py's win rates must equal the report's true-reward win rates."""
+
+    def __init__(self):
+        def answer(content: str) -> str:
+            conversation, a, b = SHOWN.search(content).groups()
+            ra, rb = task.true_reward(conversation, a), task.true_reward(conversation, b)
+            return "Winner: " + ("A" if ra > rb else "B" if rb > ra else "tie")
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                   "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                       "role": "assistant", "content": answer(body["messages"][-1]["content"])}}]})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data.encode())
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+
+def test_unknown_run_fails_before_anything_is_written(tmp_path):
+    out = tmp_path / "demo"
+    result = run_script("demo.py", "--quick", "--runs", "dpo,nosuch", "--out", str(out), timeout=120)
+    assert result.returncode == 2
+    assert "unknown run nosuch" in result.stderr and "choose from" in result.stderr
+    assert not out.exists()
+
+
+def test_failing_stage_stops_the_demo_with_its_message(tmp_path):
+    out = tmp_path / "demo"
+    result = run_script("demo.py", "--quick", "--runs", "dpo", "--set", "sft:no_such_key=1", "--out", str(out),
+                        timeout=300)
+    assert result.returncode == 2
+    assert "stage 'train sft' failed" in result.stderr and "no_such_key" in result.stderr
+    assert not (out / "stages" / "train_sft.json").exists()
+    assert not (out / "report").exists() and not (out / "runs" / "dpo").exists()
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    lines = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
+
+
+def nca_group_size(run_dir) -> int:
+    """K of the NCA run's first training microbatch, rebuilt from the run's saved config."""
+    from omegaconf import OmegaConf
+
+    import models
+    import train
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    tokenizer = models.load_tokenizer(cfg.model.tokenizer_name_or_path)
+    loader = train.make_loader(cfg, tokenizer, train.load_datasets(cfg, "train"), split="train", rank=0,
+                               world_size=1, train=True)
+    return next(iter(loader))["rewards"].shape[1]
+
+
+def test_quick_demo_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "demo"
+    judge = OracleJudge()
+    try:
+        result = run_script("demo.py", "--quick", "--out", str(out), "--judge-url", judge.url, timeout=600,
+                            env={"OPENAI_API_KEY": "local"})
+    finally:
+        judge.close()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    folder = out / "report"
+    rows = table_rows((folder / "report.md").read_text(encoding="utf-8"))
+    assert list(rows) == QUICK_MODELS
+    for name in QUICK_MODELS:   # every model was trained, sampled and scored
+        assert (out / "runs" / name / "LATEST" / "policy.pt").is_file()
+        samples = json.loads((out / "samples" / f"{name}.json").read_text(encoding="utf-8"))["samples"]
+        assert len(samples) == 16
+    results = {r["run"]: r for r in json.loads((folder / "results.json").read_text(encoding="utf-8"))}
+    for name, r in results.items():
+        assert 0 <= r["reward_ci95"][0] <= r["reward"] <= r["reward_ci95"][1] <= 10
+        assert r["win"] + r["tie"] + r["lose"] == pytest.approx(1.0)
+        low, high = r["gain_ci95"]   # paired over the same prompts: the gain is the difference of the means
+        assert low <= r["gain"] == pytest.approx(r["reward"] - results["sft"]["reward"]) <= high
+        assert math.isfinite(r["chosen_logp"])
+        if name != "sft":   # compare.py asked the oracle judge both orders: its counts are the true-reward ones
+            counts = [r["judge"][o]["count"] for o in ("win", "tie", "loss")]
+            assert counts == [round(r[o] * r["n"]) for o in ("win", "tie", "lose")]
+    assert results["sft"]["tie"] == 1.0 and results["sft"]["chosen_logp_change"] == 0.0
+    for png in ("training_curves.png", "chosen_logp.png", "true_reward.png"):
+        data = (folder / png).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, png
+    dpo = report.read_metrics(out / "runs" / "dpo")
+    assert any("eval/logps/chosen" in r for r in dpo) and dpo[0]["step"] == 0
+    assert nca_group_size(out / "runs" / "nca") >= 4
+
+    again = run_script("demo.py", "--quick", "--out", str(out), timeout=300, env={"OPENAI_BASE_URL": ""})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skip ") == 2 * len(QUICK_MODELS) and "start " not in again.stdout
+    assert "no LLM judge configured" in again.stdout
+    without_judge = {name: cells[:-2] + cells[-1:] for name, cells in rows.items()}
+    assert table_rows((folder / "report.md").read_text(encoding="utf-8")) == without_judge

@@ -1,0 +1,152 @@
+"""Distributed training on CPU (gloo, FSDP2) in real processes: 2 processes x 1 accumulation step give the same
+per-step losses and final weights as 1 process x 2 steps (the loaders hand both the same microbatches).
+
+Two launches cover everything: `torchrun train.py` (DPO, the user's entry, with the reference cache built by 2
+processes and then served to a 1-process run), and one torchrun of this file as a driver that trains, one after
+another in one process group (a launch costs 6-9 s; see ../shared/notes/environment.md): KTO (KL estimate across
+ranks), NCA (K=4, use_fsdp=false), PPO (a value head outside FSDP), LoRA-DPO (merged export of a sharded model)
+and DPO with activation checkpointing resumed for one more step (sharded resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from helpers import REPO, make_config, make_trainer, run_script  # noqa: E402
+
+COMMON = ["n_examples=16", "eval_every=16", "do_first_eval=false", "model.batch_size=8", "n_eval_examples=8",
+          "model.eval_batch_size=8",
+          "++dataset_options.wordsort.n_prompts=32", "export_hf=false", "warmup_steps=1"]
+# KTO without the undesirable term at a high lr raises every likelihood, so z0 = mean KL-partner log-ratio > 0
+# at step 2 and the cross-rank mean matters (with default settings it clamps to 0 here)
+DRIVEN = {"kto": ["loss=kto", "loss.undesirable_weight=0.0", "lr=1e-2"], "ppo": ["loss=ppo"],
+          "nca": ["loss=nca", "use_fsdp=false"],          # plain data parallel: gradients averaged by hand
+          "lora": ["loss=dpo", "model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0.0", "lr=1e-2",
+                   "export_hf=true"],
+          "resume": ["loss=dpo", "n_examples=24", "model.activation_checkpointing=true"]}
+# the 2-rank side of "resume" trains 2 steps, then resumes its final checkpoint with 3 steps in all
+FIRST_LEG = {"resume": ["n_examples=16"]}
+TIMING = ("tokens/s", "examples/s", "s/step")
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args, timeout=300):
+    """`python -m torch.distributed.run` with 2 processes on 127.0.0.1 and a free port."""
+    import distributed
+
+    return run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                      "--master_port", str(distributed.free_port()), *args, timeout=timeout, env=ENV)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(one: Path, two: Path) -> float:
+    """Same steps, same metrics (losses to 1e-5, others to 1e-4 relative), same final weights; returns the max
+    loss difference."""
+    a, b = records(one), records(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 2
+    worst = 0.0
+    for ra, rb in zip(a, b):
+        assert set(ra) == set(rb)
+        for key in ra:
+            if key in TIMING or key.endswith("accuracies") and ra["step"] == 0:  # 0 vs 1e-7 ties at step 0
+                continue
+            if "loss" in key:
+                worst = max(worst, abs(ra[key] - rb[key]))
+                assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key)
+            else:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (ra["step"], key)
+    from checkpoints import load_policy_weights
+
+    wa, wb = load_policy_weights(one / "LATEST"), load_policy_weights(two / "LATEST")
+    assert sorted(wa) == sorted(wb)
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+    return worst
+
+
+def one_process(tmp_path, *overrides):
+    """The same run in this process, 1 rank with twice the accumulation; eval batches of 4 are the 2 ranks' eval
+    microbatches (PPO whitens and KTO pairs within a microbatch, so eval must see the same ones)."""
+    trainer = make_trainer(tmp_path, *COMMON, "model.gradient_accumulation_steps=2", "model.eval_batch_size=4",
+                           *overrides)
+    trainer.train()
+    return trainer
+
+
+def test_torchrun_train_py_dpo_matches_one_process_and_shares_its_cache(tmp_path):
+    """The user's entry under torchrun: 2 ranks build the reference cache; a 1-rank run with 2 accumulation steps
+    reuses every entry (0 computed) and reaches the same losses and weights; the HF export works sharded."""
+    cache = tmp_path / "refcache"
+    result = torchrun(str(REPO / "train.py"), "loss=dpo", f"cache_dir={tmp_path / 'two'}", *COMMON,
+                      "export_hf=true", "cache_reference_logprobs=true", f"reference_cache_dir={cache}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert " 0 hits, " in result.stdout and "misses computed" in result.stdout
+    assert (tmp_path / "two" / "dpo_tiny" / "LATEST" / "hf" / "config.json").is_file()
+    trainer = one_process(tmp_path / "one", "loss=dpo", "cache_reference_logprobs=true",
+                          f"reference_cache_dir={cache}")
+    assert trainer.reference_cache.stats["misses"] == 0 and trainer.reference_cache.stats["hits"] > 0
+    worst = assert_same_run(tmp_path / "one" / "dpo_tiny", tmp_path / "two" / "dpo_tiny")
+    print(f"dpo: max |loss(2 procs) - loss(1 proc x 2 accum)| = {worst:.2e}")
+
+
+@pytest.fixture(scope="module")
+def driven_runs(tmp_path_factory):
+    """One torchrun launch of this file training every DRIVEN config with 2 ranks."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    result = torchrun(__file__, str(root), *DRIVEN, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return root
+
+
+@pytest.mark.parametrize("name", list(DRIVEN))
+def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, driven_runs, name):
+    """KTO's z0 is the mean over both ranks before the clamp; NCA runs K=4 groups; PPO's value head gradients are
+    averaged by hand (it is not sharded); LoRA trains adapters on a sharded base."""
+    trainer = one_process(tmp_path, *DRIVEN[name])
+    if name == "nca":
+        assert next(iter(trainer.train_loader))["rewards"].shape[1] == 4
+    run = f"{trainer.config.loss.name}_tiny"
+    worst = assert_same_run(tmp_path / run, driven_runs / name / run)
+    if name == "lora":                                     # exported from a sharded peft model, merged
+        from transformers import AutoModelForCausalLM
+
+        merged = AutoModelForCausalLM.from_pretrained(driven_runs / name / run / "LATEST" / "hf")
+        assert not any("lora" in k for k in merged.state_dict())
+    print(f"{name}: max |loss(2 procs) - loss(1 proc x 2 accum)| = {worst:.2e}")
+    if name == "kto":
+        assert max(r["kl"] for r in records(tmp_path / run)) > 0.1
+
+
+def drive(root: Path, names: list[str]) -> None:
+    """Driver (run by torchrun): train each named config in this process group, run dirs root/<name>/."""
+    import distributed
+    import train
+
+    rank, local_rank, world_size = distributed.world_from_env()
+    device = distributed.init(rank, local_rank, world_size)
+    try:
+        for name in names:
+            if name in FIRST_LEG:
+                train.run(make_config(root / name, *COMMON, *DRIVEN[name], *FIRST_LEG[name]), rank, world_size, device)
+                train.run(make_config(root / name, *COMMON, *DRIVEN[name], "resume=true"), rank, world_size, device)
+            else:
+                train.run(make_config(root / name, *COMMON, *DRIVEN[name]), rank, world_size, device)
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[var] = "1"
+    drive(Path(sys.argv[1]), sys.argv[2:])

@@ -1,0 +1,104 @@
+"""The reference log-prob cache on the real tiny model and loaders: cached = live reference (sums and token
+values), entries shared by content across losses, seeds and batch sizes, plain float32 bytes on disk."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from feedback import DataError
+from helpers import make_trainer
+
+RUN = ["n_examples=16", "++dataset_options.wordsort.n_prompts=16", "n_eval_examples=0"]
+
+
+def steps(trainer, n=2):
+    """Metrics of the first n optimizer steps (timing keys dropped)."""
+    out = []
+    for _, batch in zip(range(n), trainer.train_loader):
+        metrics = trainer.train_step([batch])
+        out.append({k: v for k, v in metrics.items() if k not in ("tokens/s", "examples/s", "s/step")})
+    return out
+
+
+@pytest.mark.parametrize("loss", ["dpo", "kto", "nca", "infonca", "ppo"])
+def test_cached_reference_gives_the_live_losses(tmp_path, loss):
+    """Same token-level reference values (KTO's KL partners and PPO's per-token ratios included) and the same
+    losses over two optimizer steps, live vs cached; the cached run holds no reference model."""
+    live = make_trainer(tmp_path / "live", f"loss={loss}", *RUN)
+    cached = make_trainer(tmp_path / "cached", f"loss={loss}", *RUN, "cache_reference_logprobs=true")
+    assert cached.reference is None and live.reference is not None
+    batch = next(iter(live.train_loader))
+    a, b = live.reference_logps(batch["sequences"]), cached.reference_logps(batch["sequences"])
+    assert torch.equal(a.mask, b.mask)
+    torch.testing.assert_close(a.token_logps, b.token_logps, rtol=0, atol=1e-5)
+    for x, y in zip(steps(live), steps(cached)):
+        assert set(x) == set(y)
+        for key in x:
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-5), key
+
+
+def test_entries_are_shared_across_losses_seeds_and_batch_sizes(tmp_path, capsys):
+    """A run with another loss over the same sequences computes nothing; K-groups reuse the pairs' sequences;
+    KTO's KL partners depend on the microbatch, so a new batch size computes only the new partners."""
+    shared = f"reference_cache_dir={tmp_path / 'refcache'}"
+
+    def cache_pass(name, *overrides):
+        trainer = make_trainer(tmp_path / name, *RUN, "cache_reference_logprobs=true", shared, *overrides)
+        return trainer.reference_cache.stats
+
+    first = cache_pass("dpo", "loss=dpo")
+    assert first["hits"] == 0 and first["misses"] > 0
+    assert cache_pass("ncapair", "loss=ncapair") == {"hits": first["misses"], "misses": 0}
+    assert cache_pass("dpo_seed", "loss=cdpo", "seed=1", "model.batch_size=4")["misses"] == 0
+    nca = cache_pass("nca", "loss=nca")
+    assert nca["hits"] == first["misses"] and nca["misses"] > 0   # best and worst of each K=4 group were cached
+    assert cache_pass("infonca", "loss=infonca")["misses"] == 0
+    kto = cache_pass("kto", "loss=kto")
+    assert kto["hits"] > 0 and kto["misses"] > 0                    # targets cached, KL partners new
+    assert cache_pass("ppo", "loss=ppo")["misses"] == 0
+    smaller = cache_pass("kto_b4", "loss=kto", "model.batch_size=4")
+    assert 0 < smaller["misses"] < kto["misses"] and smaller["hits"] > 0
+    printed = capsys.readouterr().out
+    assert printed.count("misses computed") == 8 and f"0 hits, {first['misses']} misses computed" in printed
+
+
+def test_disk_format_is_plain_float32_and_cost_per_token(tmp_path):
+    """Rows are (sha256 key, n, n float32 little-endian values), nothing pickled; reports bytes per token and
+    lookup time (for the README)."""
+    trainer = make_trainer(tmp_path, "loss=nca", "cache_reference_logprobs=true",
+                           "++dataset_options.wordsort.n_prompts=32", "n_eval_examples=0")
+    cache = trainer.reference_cache
+    rows = sqlite3.connect(cache.path).execute("SELECT key, n, logps FROM logps").fetchall()
+    assert len(rows) == cache.stats["misses"] > 0
+    assert all(len(key) == 32 and len(blob) == 4 * n for key, n, blob in rows)
+    tokens = sum(n for _, n, _ in rows)
+    per_token = cache.path.stat().st_size / tokens
+    batch = next(iter(trainer.train_loader))
+    sequences = batch["sequences"]
+    started = time.perf_counter()
+    for _ in range(20):
+        values = cache.lookup(sequences)
+    per_sequence = (time.perf_counter() - started) / (20 * len(sequences))
+    first = np.frombuffer(dict((k, b) for k, _, b in rows)[cache.key(sequences[0])], dtype="<f4")
+    assert np.array_equal(first, values.token_logps[0, : len(first)].numpy())
+    print(f"reference cache: {len(rows)} sequences, {tokens} tokens ({tokens / len(rows):.1f}/sequence), "
+          f"{per_token:.2f} disk bytes/token, lookup {per_sequence * 1e6:.0f} us/sequence")
+    assert 4 <= per_token < 4 + 300 * len(rows) / tokens   # 4 bytes a token + SQLite's row/index/page overhead
+
+
+def test_a_missing_entry_and_an_unusable_directory_fail_clearly(tmp_path):
+    trainer = make_trainer(tmp_path / "run", "loss=dpo", *RUN, "cache_reference_logprobs=true")
+    from dataloader import Sequence
+
+    with pytest.raises(DataError, match="has no entry"):
+        trainer.reference_cache.lookup([Sequence((5, 6), (7, 8))])
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(DataError, match="reference_cache_dir"):
+        make_trainer(tmp_path / "bad", "loss=dpo", *RUN, "cache_reference_logprobs=true",
+                     f"reference_cache_dir={not_a_dir}")
