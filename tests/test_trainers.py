@@ -164,3 +164,14 @@ def test_bad_config_fails_fast_with_the_name(tmp_path, args, needle):
     assert needle in result.stderr
     assert "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_python_train_py_with_no_arguments(tmp_path):
+    """The literal `python train.py`: SFT of the tiny model on wordsort, offline, one epoch (~1-2 min on 2 cores)."""
+    result = run_script(str(REPO / "train.py"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "sft_tiny"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if "loss" in r]
+    assert len(train_losses) == 125 and train_losses[-1] < train_losses[0] / 3
+    assert (run_dir / "LATEST" / "policy.pt").is_file() and (run_dir / "LATEST" / "hf" / "config.json").is_file()
