@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import json
 import os
 import resource
@@ -373,7 +374,8 @@ def time_forward_backward(model, sequences, layout: str, repeats: int) -> float:
 
 def scaling_rows(model, repeats: int) -> tuple[list[str], list[str]]:
     """Policy forward+backward time of 8 pairs against sequence length, and of 8 groups against K."""
-    lengths = ["| prompt + response tokens | packed s | padded s | packed tokens | padded positions |", "|---|---|---|---|---|"]
+    lengths = ["| prompt + response tokens | packed s | padded s | packed tokens | padded positions |",
+               "|---|---|---|---|---|"]
     for total in (64, 128, 256, 512):
         seqs = synthetic(8, 2, total // 2, total // 2)
         packed, padded = (time_forward_backward(model, seqs, lay, repeats) for lay in ("packed", "padded"))
@@ -478,14 +480,18 @@ def main(argv=None) -> None:
         print(json.dumps(run_one(json.loads(args.one))), flush=True)
         return
     if args.scaling:
-        print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+        print(load_line("before"), flush=True)
         print(scaling_report(args))
-        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        print(load_line("after"))
         return
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.batch < 2:
+        raise SystemExit("error: need --steps >= 1, --warmup >= 0, --repeats >= 1 and --batch >= 2")
+    if not args.skip_trl and "dpo" in args.losses and importlib.util.find_spec("trl") is None:
+        raise SystemExit("error: TRL is not installed: pip install trl (a benchmark-only dependency) or pass --skip-trl")
     if "hh" in args.datasets and not (args.data_dir / "hh_rlhf").is_dir():
         raise SystemExit(f"error: {args.data_dir / 'hh_rlhf'} not found: pass --data-dir <shared data> or "
                          "--datasets wordsort")
-    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    print(load_line("before"), flush=True)
     runs = []  # (spec, [result per repeat])
     for spec in plan(args):
         runs.append((spec, []))
@@ -496,11 +502,18 @@ def main(argv=None) -> None:
             print(f"[{repeat + 1}/{args.repeats}] {spec['impl']:4s} {spec['loss']} {spec['dataset']:8s} "
                   f"{'cached' if spec['cached'] else 'live':6s} {results[-1]['tokens_per_s']:7.0f} tokens/s  "
                   f"{results[-1]['s_per_step']:.3f} s/step  ({time.perf_counter() - started:.0f}s)", flush=True)
-    print(f"load average after: {os.getloadavg()[0]:.2f}\n")
+    print(load_line("after") + "\n")
     print(table([(spec, median_run(results)) for spec, results in runs]))
     print(ratio_lines(runs))
     if args.json:
         args.json.write_text(json.dumps([{"spec": s, "results": r} for s, r in runs], indent=1))
+
+
+def load_line(when: str) -> str:
+    """The 1-minute load average, flagged when other work competes for the cores."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    busy = f" (above {cores} cores: timings are contended; --threads 1 is steadier)" if load > cores else ""
+    return f"load average {when}: {load:.2f}{busy}"
 
 
 def ratio_lines(runs) -> str:

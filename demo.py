@@ -46,16 +46,16 @@ ALIGN_COMMON = ["lr=1e-4", "warmup_steps=5"]
 # Alignment runs in order: run name -> (loss config, overrides after ALIGN_COMMON). The five the demo must show,
 # the cheap extras, then DPO and NCA at the DPO paper's beta 0.1 side by side (the NCA paper's Figure 2).
 RUNS = {
-    "dpo": ("dpo", ["loss.beta=0.5"]),
+    "dpo": ("dpo", ["loss.beta=0.5", "lr=5e-5"]),   # lr 1e-4: no clear gain; 3e-4: lower than SFT
     "kto": ("kto", ["loss.beta=0.5", "loss.desirable_weight=3.0"]),   # KTO paper: weight the 1-in-4 desirable
     "nca": ("nca", ["loss.beta=0.5"]),
     "infonca": ("infonca", ["loss.beta=0.5", "lr=5e-5"]),   # at lr 1e-4 its samples degenerate at temperature 1
     "cut": ("cut", ["lr=3e-5"]),   # lowers the reward here: the tiny model does not read judgments (see report)
-    "ipo": ("ipo", ["loss.tau=0.5"]),
-    "cdpo": ("cdpo", ["loss.beta=0.5"]),
+    "ipo": ("ipo", ["loss.tau=0.5", "lr=5e-5"]),
+    "cdpo": ("cdpo", ["loss.beta=0.5", "lr=5e-5"]),
     "ncapair": ("ncapair", ["loss.beta=0.5"]),
     "slic": ("slic", []),
-    "simpo": ("simpo", ["lr=2e-5"]),
+    "simpo": ("simpo", ["lr=2e-5"]),   # reference-free: drifts down at 1e-4 and 2e-5 alike (see report)
     "orpo": ("orpo", []),
     "dpo-beta0.1": ("dpo", ["loss.beta=0.1"]),
     "nca-beta0.1": ("nca", ["loss.beta=0.1"]),
@@ -91,6 +91,9 @@ FULL = Scale(sft_examples=9600, align_examples=1920, eval_every=320, n_eval_exam
 QUICK = Scale(sft_examples=192, align_examples=48, eval_every=24, n_eval_examples=8, n_samples=16,
               n_logp_prompts=16, batch_size=16, max_new_tokens=16, options=("++dataset_options.wordsort.n_prompts=64",))
 TEMPERATURE = 1.0      # sample the policy as trained: alignment must move the distribution, not just its mode
+# One torch thread per stage, `--jobs` stages at once: the tiny model gains little from a second thread, and two
+# threads on a core another process also wants stall each other (5 s/step instead of 0.5 s measured here).
+STAGE_THREADS = 1
 TIMES = ("wall", "cpu", "start", "end")   # a stage's record: seconds, CPU seconds, epoch start and end
 PROGRESS = re.compile(r"(\d+/\d+) \[")   # tqdm's "41/100 [" in a stage's log
 
@@ -114,7 +117,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="OpenAI-compatible judge URL for compare.py (default $OPENAI_BASE_URL; none: skipped)")
     p.add_argument("--judge", default=None, help="judge model name passed to compare.py (its default otherwise)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                   help="stages run at once, each with cores/jobs threads (default: 2, or 1 on one core)")
+                   help="stages run at once, one torch thread each (default: 2, or 1 on one core)")
     p.add_argument("--fresh", action="store_true", help="run every stage again, even those finished before")
     return p.parse_args(argv)
 
@@ -245,14 +248,14 @@ class Runner:
         except (ValueError, KeyError, TypeError):
             return None   # an unreadable record: run the stage again
 
-    def start(self, stage: Stage, threads: int) -> None:
+    def start(self, stage: Stage) -> None:
         self.path("stages", stage.name, ".json").unlink(missing_ok=True)
         self.ran.add(stage.name)
         log = open(self.path("logs", stage.name, ".log"), "w", encoding="utf-8")
         log.write(" ".join(stage.argv[1:]) + "\n")
         log.flush()
         env = {**os.environ, **OFFLINE}
-        env.setdefault("OMP_NUM_THREADS", str(threads))
+        env.setdefault("OMP_NUM_THREADS", str(STAGE_THREADS))
         with log:
             proc = subprocess.Popen(stage.argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     preexec_fn=die_with_parent)
@@ -293,15 +296,13 @@ class Runner:
             while pending or self.running:
                 self.reap(argv_of)
                 waiting = {s.name for s in pending} | set(self.running)
-                ready = [s for s in pending if not set(s.after) & waiting]
-                threads = max(1, (os.cpu_count() or 1) // max(1, min(self.jobs, len(ready) + len(self.running))))
-                for stage in ready:
+                for stage in [s for s in pending if not set(s.after) & waiting]:
                     if len(self.running) >= self.jobs:
                         break
                     pending.remove(stage)
                     timings = self.finished_before(stage)
                     if timings is None:
-                        self.start(stage, threads)   # alone (SFT): every core; else cores / jobs
+                        self.start(stage)
                     else:
                         self.timings[stage.name] = timings
                         self.say(f"skip  {stage.name} (finished before)")
@@ -332,7 +333,7 @@ def machine(jobs: int) -> str:
 
     threads = os.environ.get("OMP_NUM_THREADS")
     return (f"{cpu_name()}, {os.cpu_count()} CPU cores visible, up to {jobs} stage(s) at a time with "
-            + (f"OMP_NUM_THREADS={threads}" if threads else "the cores shared among the stages running")
+            + f"{threads or STAGE_THREADS} torch thread(s) each"
             + f", torch {torch.__version__}, Python {platform.python_version()}")
 
 

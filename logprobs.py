@@ -293,7 +293,7 @@ def packed_logps(model, sequences, pad_token_id: int | None = None, with_hidden:
     layout = pack(sequences)
     route_attention(model)
     keep, where = torch.unique(layout.predictor, return_inverse=True)
-    out = model(input_ids=layout.input_ids.to(device), position_ids=layout.position_ids.to(device),
+    out = model(input_ids=layout.input_ids.to(device), position_ids=(layout.position_ids*0).to(device),
                 attention_mask=_NO_MASK.to(device), logits_to_keep=keep.to(device),
                 output_hidden_states=with_hidden, use_cache=False, prefix_index=layout.index.to(device))
     where = where.to(device)

@@ -229,7 +229,8 @@ def settings_text(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def markdown(rows: list[dict], manifest: dict) -> str:
+def markdown(rows: list[dict], manifest: dict, sampling: dict) -> str:
+    """report.md; `sampling` is the eval.py config the samples were drawn with."""
     s = manifest["settings"]
     times = manifest["timings"].values()
     cpu = sum(t["cpu"] for t in times)
@@ -241,7 +242,8 @@ def markdown(rows: list[dict], manifest: dict) -> str:
         f"Machine: {manifest['machine']}. {'Quick' if s['quick'] else 'Full'} settings: {wall / 60:.1f} min wall "
         f"clock from the first stage's start to the last one's end, {cpu / 60:.1f} min of CPU time in all. Every "
         f"model answers the same {s['n_samples']} held-out test prompts (eval.py ++mode=sample, temperature "
-        f"{s['temperature']}); the true reward (0-10) scores each answer.",
+        f"{sampling['temperature']}, top-p {sampling['top_p']}, at most {sampling['max_new_tokens']} new tokens); "
+        "the true reward (0-10) scores each answer.",
         "",
         table(rows),
         "",
@@ -325,17 +327,19 @@ def plot_chosen_logp(metrics: dict[str, list[dict]], path: Path) -> None:
 
 
 def plot_true_reward(rows: list[dict], path: Path) -> None:
-    """Mean true reward per model with its 95% interval; the SFT level as a line."""
-    fig, (ax,) = _figure(1)
+    """Mean true reward per model with its 95% interval; the SFT level as a line; green / red where the paired
+    gain over SFT is clearly positive / negative."""
+    fig, ax = plt.subplots(figsize=(max(4.2, 0.6 * len(rows) + 1.5), 3.6))
     names = [r["run"] for r in rows]
     means = [r["reward"] for r in rows]
     errors = [[r["reward"] - r["reward_ci95"][0] for r in rows], [r["reward_ci95"][1] - r["reward"] for r in rows]]
-    ax.bar(names, means, yerr=errors, capsize=3, color=["0.6"] + ["C0"] * (len(rows) - 1))
+    colours = {"higher": "C2", "lower": "C3", "no clear change": "C0"}
+    ax.bar(names, means, yerr=errors, capsize=3, color=["0.6"] + [colours[r["verdict"]] for r in rows[1:]])
     ax.axhline(rows[0]["reward"], color="0.3", ls=":", lw=1)
-    ax.set_ylim(min(means) - 1.0, 10)
+    ax.set_ylim(max(0.0, min(r["reward_ci95"][0] for r in rows) - 0.5), 10)
     ax.set_ylabel("mean true reward (0-10)")
     ax.set_title("true reward on held-out prompts")
-    ax.tick_params(axis="x", rotation=45)
+    plt.setp(ax.get_xticklabels(), rotation=40, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -352,7 +356,8 @@ def build(out: Path) -> Path:
     metrics = {name: read_metrics(out / run) for name, run in manifest["runs"].items()}
     tmp = Path(tempfile.mkdtemp(prefix=".report.", dir=out))
     try:
-        (tmp / "report.md").write_text(markdown(rows, manifest), encoding="utf-8")
+        sampling = read_json(out / manifest["samples"][BASELINE], "samples file")["config"]
+        (tmp / "report.md").write_text(markdown(rows, manifest, sampling), encoding="utf-8")
         (tmp / "results.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
         plot_training_curves(metrics, tmp / "training_curves.png")
         plot_chosen_logp(metrics, tmp / "chosen_logp.png")

@@ -25,11 +25,11 @@ def model():
     return models.build_model("tiny", torch.float32, seed=0)
 
 
-def small_llama(seed=0, **overrides):
+def small_llama(seed=0, attention="sdpa", **overrides):
     """A real Llama, smaller than `tiny` (the tests check the layout's math, not the model's size)."""
     config = LlamaConfig(**{**models.TINY_CONFIG, "hidden_size": 64, "intermediate_size": 128,
                             "num_hidden_layers": 2, **overrides})
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attention
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -163,9 +163,10 @@ def test_grouped_query_attention():
 def test_sliding_window_models_are_exact_inside_the_window_and_refused_beyond_it():
     def mistral(window):
         torch.manual_seed(0)
-        return MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
-                                                attn_implementation="sdpa"))
+        config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                               attn_implementation="sdpa")
+        return MistralForCausalLM(config)
     sequences = [Sequence((5, 6, 7), (8, 9, 0)), Sequence((5, 6, 7), (10, 0))]
     with torch.no_grad():
         assert_same(*both(mistral(64), sequences))
@@ -225,6 +226,18 @@ def test_routing_leaves_padded_forwards_and_generation_unchanged():
     logprobs.route_attention(net)  # idempotent
     assert net.config._attn_implementation == "prefix_shared|sdpa"
     assert "prefix_shared" not in net.config.to_json_string()  # a save_pretrained export never records it
+
+
+def test_eager_models_route_back_to_their_own_eager_attention():
+    net = small_llama(attention="eager")
+    sequences = [Sequence((5, 6, 7), (8, 9, 0)), Sequence((5, 6, 7), (10, 0)), Sequence((3, 4), (11, 12, 0))]
+    with torch.no_grad():
+        before = logprobs.padded_logps(net, sequences, PAD)
+        packed = logprobs.packed_logps(net, sequences, PAD)
+        after = logprobs.padded_logps(net, sequences, PAD)
+    assert net.config._attn_implementation == "prefix_shared|eager"
+    assert_same(before, packed)
+    assert torch.equal(before.token_logps, after.token_logps)
 
 
 def test_empty_prompts_and_unknown_layouts_are_refused(model):
