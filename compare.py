@@ -44,7 +44,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ from typing import Callable, Optional
 
 import openai
 
+from fileio import write_json_atomic
 from feedback import DataError
 
 try:  # advisory lock against two runs appending to one results file (POSIX only)
@@ -529,22 +529,6 @@ def summarize(records: list[dict], comparisons: list[Comparison], identity: dict
             for side in ("candidate", "baseline")
         }
     return summary
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON to a temporary file beside `path`, fsync it, then os.replace: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def format_summary(summary: dict, summary_path: Path) -> str:

@@ -35,9 +35,7 @@ import copy
 import datetime as dt
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -53,6 +51,7 @@ import dataloader
 import models
 import train
 import trainers
+from fileio import write_json_atomic
 from feedback import DataError
 
 DEFAULTS = {"mode": "sample", "n_samples": 128, "samples_dir": "samples", "split": "test", "checkpoint": "policy",
@@ -337,21 +336,6 @@ def generate_vllm(model_dir: Path, tokenizer, prompt_ids: list[list[int]], budge
 
 
 # ---------------------------------------------------------------- the two modes
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary file beside `path`, fsync, rename: a crash never leaves a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def now() -> str:

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from feedback import DataError
+
 LOGSUMEXP_CHUNK = 4096
 SHARED_ATTENTION = "prefix_shared"  # registered as "prefix_shared|<the model's own implementation>"
 # A 4-D placeholder: transformers passes 4-D masks through untouched, so no (T, T) mask is ever built for the
@@ -245,7 +247,7 @@ def prefix_shared_attention(module, query, key, value, attention_mask, scaling=N
                                        **kwargs)
     window, longest = kwargs.get("sliding_window"), max(g.shape[1] for g in prefix_index.gathers)
     if kwargs.get("softcap") is not None or (window is not None and longest > window):
-        raise ValueError(f"{type(module).__name__}: attention softcapping or a sliding window shorter than a sequence "
+        raise DataError(f"{type(module).__name__}: attention softcapping or a sliding window shorter than a sequence "
                          f"({longest} tokens) is not supported by the packed layout; set model.forward_layout=padded")
     heads, dim = query.shape[1], query.shape[-1]
     outputs = []
@@ -293,7 +295,7 @@ def packed_logps(model, sequences, pad_token_id: int | None = None, with_hidden:
     layout = pack(sequences)
     route_attention(model)
     keep, where = torch.unique(layout.predictor, return_inverse=True)
-    out = model(input_ids=layout.input_ids.to(device), position_ids=(layout.position_ids*0).to(device),
+    out = model(input_ids=layout.input_ids.to(device), position_ids=layout.position_ids.to(device),
                 attention_mask=_NO_MASK.to(device), logits_to_keep=keep.to(device),
                 output_hidden_states=with_hidden, use_cache=False, prefix_index=layout.index.to(device))
     where = where.to(device)
@@ -315,4 +317,4 @@ def sequence_logps(model, sequences, pad_token_id: int, layout: str = "packed", 
         return packed_logps(model, sequences, pad_token_id, with_hidden)
     if layout == "padded":
         return padded_logps(model, sequences, pad_token_id, with_hidden)
-    raise ValueError(f"unknown forward layout '{layout}': use packed or padded")
+    raise DataError(f"model.forward_layout={layout} is unknown: use packed or padded")
