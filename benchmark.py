@@ -487,7 +487,8 @@ def main(argv=None) -> None:
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.batch < 2:
         raise SystemExit("error: need --steps >= 1, --warmup >= 0, --repeats >= 1 and --batch >= 2")
     if not args.skip_trl and "dpo" in args.losses and importlib.util.find_spec("trl") is None:
-        raise SystemExit("error: TRL is not installed: pip install trl (a benchmark-only dependency) or pass --skip-trl")
+        raise SystemExit("error: TRL is not installed: pip install trl (a benchmark-only dependency) "
+                         "or pass --skip-trl")
     if "hh" in args.datasets and not (args.data_dir / "hh_rlhf").is_dir():
         raise SystemExit(f"error: {args.data_dir / 'hh_rlhf'} not found: pass --data-dir <shared data> or "
                          "--datasets wordsort")

@@ -22,7 +22,11 @@ from tqdm import tqdm
 import checkpoints
 import distributed
 import losses
+import throughput
 from logprobs import TokenLogps, sequence_logps
+
+
+TIMING_METRICS = ("tokens/s", "computed_tokens/s", "examples/s", "s/step", "mfu")  # wall-clock dependent
 
 
 class TrainingError(RuntimeError):
@@ -45,6 +49,7 @@ class BasicTrainer:
         self.reference_cache = reference_cache
         self.value_head = value_head
         self.device = next(policy.parameters()).device
+        self.peak_flops = throughput.peak_flops(config.peak_flops, self.device, next(policy.parameters()).dtype)
         self.layout = config.model.forward_layout
         self.row_tokens = config.model.pack_tokens
         # every trained module under one root, so checkpoints gather policy + value head with one state dict call
@@ -166,7 +171,7 @@ class BasicTrainer:
         started = time.perf_counter()
         context = self.step_context(microbatches)
         per_example: dict[str, list[torch.Tensor]] = {}
-        tokens = positions = 0
+        tokens = positions = sequence_tokens = flops = 0
         finite = True
         for batch in microbatches:
             sequences = self.loss_sequences(batch)
@@ -176,6 +181,8 @@ class BasicTrainer:
             finite &= bool(torch.isfinite(loss.detach()).all())
             (loss / len(microbatches)).backward()
             tokens, positions = tokens + policy.tokens, positions + policy.positions
+            sequence_tokens += policy.sequence_tokens
+            flops += self.model_flops(sequences, policy, reference)
             for k, v in metrics.items():
                 per_example.setdefault(k, []).append(self.gather(v))
         distributed.average_gradients(self.replicated, self.world_size)
@@ -184,12 +191,25 @@ class BasicTrainer:
         self.apply_or_skip(bool(bad_ranks == 0))
         elapsed = time.perf_counter() - started
         out = _mean_metrics(per_example)
-        stats = self.all_reduce_sum(torch.tensor([float(tokens), float(positions)], device=self.device)).tolist()
+        stats = self.all_reduce_sum(torch.tensor([float(tokens), float(positions), float(sequence_tokens), flops],
+                                                 dtype=torch.float64, device=self.device)).tolist()
         out.update({"grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
-                    "tokens/s": stats[0] / elapsed, "examples/s": self.config.model.batch_size / elapsed,
+                    "tokens/s": stats[2] / elapsed, "computed_tokens/s": stats[0] / elapsed,
+                    "examples/s": self.config.model.batch_size / elapsed,
                     "padding_fraction": 1 - stats[0] / max(stats[1], 1), "s/step": elapsed,
+                    "mfu": throughput.mfu(stats[3], elapsed, self.peak_flops * self.world_size),
                     "skipped_steps": self.nonfinite_total})
         return out
+
+    def model_flops(self, sequences, policy: TokenLogps, reference: TokenLogps | None) -> float:
+        """Model FLOPs of this microbatch's policy forward + backward and live reference forward (throughput.py);
+        a cached reference costs none. tokens/s counts len(prompt) + len(response) per sequence (non-pad, as an
+        unshared forward would), so it is comparable across layouts and with TRL."""
+        context = throughput.causal_context(len(s.prompt_ids) + len(s.response_ids) for s in sequences)
+        flops = throughput.logps_flops(self.policy.config, policy, context, backward=True)
+        if reference is not None:
+            flops += throughput.logps_flops(self.policy.config, reference, context)
+        return flops
 
     def apply_or_skip(self, finite: bool) -> None:
         """Take the step, or skip a non-finite one (no update, counted in `skipped_steps`); max_nonfinite_steps

@@ -16,6 +16,7 @@ import torch
 import checkpoints
 from feedback import DataError
 from helpers import REPO, SMALL, make_config, make_trainer
+from trainers import TIMING_METRICS
 
 # 4 DPO steps with warmup (scheduler state matters) and AdamW (optimizer state matters), a checkpoint every step
 RUN = ["loss=dpo", "exp_name=run", "model.batch_size=4", "n_examples=16", "warmup_steps=2",
@@ -31,7 +32,7 @@ def deterministic():
 
 
 def metrics(run_dir) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens/s", "examples/s", "s/step")}
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_METRICS}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helpers import REPO, make_config, make_trainer, run_script  # noqa: E402
+from trainers import TIMING_METRICS
 
 COMMON = ["n_examples=16", "eval_every=16", "do_first_eval=false", "model.batch_size=8", "n_eval_examples=8",
           "model.eval_batch_size=8",
@@ -34,7 +35,7 @@ DRIVEN = {"kto": ["loss=kto", "loss.undesirable_weight=0.0", "lr=1e-2"], "ppo": 
           "resume": ["loss=dpo", "n_examples=24", "model.activation_checkpointing=true"]}
 # the 2-rank side of "resume" trains 2 steps, then resumes its final checkpoint with 3 steps in all
 FIRST_LEG = {"resume": ["n_examples=16"]}
-TIMING = ("tokens/s", "examples/s", "s/step")
+TIMING = TIMING_METRICS
 ENV = {"OMP_NUM_THREADS": "1"}
 
 

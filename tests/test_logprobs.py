@@ -170,7 +170,7 @@ def test_sliding_window_models_are_exact_inside_the_window_and_refused_beyond_it
     sequences = [Sequence((5, 6, 7), (8, 9, 0)), Sequence((5, 6, 7), (10, 0))]
     with torch.no_grad():
         assert_same(*both(mistral(64), sequences))
-        with pytest.raises(ValueError, match="forward_layout=padded"):
+        with pytest.raises(DataError, match="forward_layout=padded"):
             logprobs.packed_logps(mistral(4), sequences, PAD)
 
 
@@ -243,7 +243,7 @@ def test_eager_models_route_back_to_their_own_eager_attention():
 def test_empty_prompts_and_unknown_layouts_are_refused(model):
     with pytest.raises(ValueError, match="empty prompt"):
         logprobs.packed_logps(model, [Sequence((), (4, 0))], PAD)
-    with pytest.raises(ValueError, match="use packed or padded"):
+    with pytest.raises(DataError, match="forward_layout=ragged is unknown"):
         logprobs.sequence_logps(model, [Sequence((3,), (4,))], PAD, layout="ragged")
 
 

@@ -12,6 +12,7 @@ import torch
 
 from feedback import DataError
 from helpers import make_trainer
+from trainers import TIMING_METRICS
 
 RUN = ["n_examples=16", "++dataset_options.wordsort.n_prompts=16", "n_eval_examples=0"]
 
@@ -21,7 +22,7 @@ def steps(trainer, n=2):
     out = []
     for _, batch in zip(range(n), trainer.train_loader):
         metrics = trainer.train_step([batch])
-        out.append({k: v for k, v in metrics.items() if k not in ("tokens/s", "examples/s", "s/step")})
+        out.append({k: v for k, v in metrics.items() if k not in TIMING_METRICS})
     return out
 
 

@@ -111,6 +111,9 @@ def test_the_no_argument_config_trains_sft_of_the_tiny_model(tmp_path):
     trainer = train.setup(cfg, 0, 1, torch.device("cpu"))
     losses = [trainer.train_step([batch])["loss"] for _, batch in zip(range(4), trainer.train_loader)]
     assert losses[-1] < losses[0]
+    metrics = trainer.train_step([next(iter(trainer.train_loader))])
+    assert 0 < metrics["mfu"] < 1 and metrics["padding_fraction"] == 0.0
+    assert metrics["tokens/s"] >= metrics["computed_tokens/s"] > 0   # a shared prompt is computed once
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
