@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-demo: $(VENV)/.installed  # DEMO_ARGS="--quick" for the few-minute version; see python demo.py --help
-	$(PY) demo.py $(DEMO_ARGS)
+demo: $(VENV)/.installed  # DEMO_ARGS="--quick" for the few-minute version; see python -m showcase.demo --help
+	$(PY) -m showcase.demo $(DEMO_ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -51,8 +51,9 @@ from typing import Callable, Optional
 
 import openai
 
-from fileio import write_json_atomic
-from feedback import DataError
+from feedbackalign.fileio import write_json_atomic
+from feedbackalign.stats import wilson_interval
+from feedbackalign.errors import DataError
 
 try:  # advisory lock against two runs appending to one results file (POSIX only)
     import fcntl
@@ -62,7 +63,6 @@ except ImportError:  # pragma: no cover - Windows
 PROMPT_VERSION = "feedbackalign-judge-1"
 DEFAULT_JUDGE = "gpt-4o"
 OPENAI_DEFAULT_URL = "https://api.openai.com/v1"
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
 EXIT_OK, EXIT_ERROR, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 2, 3, 130
 OUTCOMES = ("win", "tie", "loss", "parse_failure")
 RETRYABLE_STATUS = (408, 409, 429)  # plus every status >= 500
@@ -488,16 +488,6 @@ class ResultsLog:
 
 
 # ------------------------------------------------------------------------------------------------------ summary
-
-
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[Optional[float], Optional[float]]:
-    """Wilson score interval for k successes in n trials (Wilson 1927); (None, None) when n = 0."""
-    if n == 0:
-        return None, None
-    p, z2 = k / n, z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z / (1 + z2 / n) * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def summarize(records: list[dict], comparisons: list[Comparison], identity: dict, judge: str,

@@ -2,16 +2,17 @@
 
 Each DataLoader flattens Examples into its unit (SFT target, pair, unpaired item, K-group, judgment pair),
 formats the prompt (the tokenizer's chat template, else HALOs-style prefixes), tokenises prompt and response
-separately (Response = text + EOS), truncates by the HALOs rule and yields this rank's microbatches.
+separately (Response = text + EOS), truncates by the HALOs rule and yields this rank's microbatches as named
+`batches.Batch`es; `batch_kind` names the layout (batches.KINDS), which a Trainer must declare it trains on:
 
-Layout of one microbatch of B items (`sequences`, N of them; pad them with `pad_batch`):
-
-- SFT / ConditionalSFT    N = B     one target per item (CSFT: control token ends the prompt)
-- PairedPreference        N = 2B    chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}
-- UnpairedPreference      N = 2B    target_0..target_{B-1}, kl_0..kl_{B-1}; kl_i = (prompt_i, response_{i+1 mod B})
-- Reward                  N = B*K   group 0's K responses, group 1's, ... (one K per microbatch)
-- Judgment (CUT)          N = 2B    row i: judgment-conditioned (or plain) prompt + response; row B+i: plain
-                                    prompt + the identical response ids
+- SFTDataLoader                 sft              targets
+- ConditionalSFTDataLoader      conditional_sft  targets (prompt + <|good|>/<|bad|>); desirable
+- PairedPreferenceDataLoader    pairs            chosen, rejected; chosen_scores / rejected_scores when known
+- UnpairedPreferenceDataLoader  unpaired         targets, kl_partners (kl_i = prompt_i + response_{i+1 mod B});
+                                                 desirable, scores
+- RewardDataLoader              groups           responses (B*K, row-major, one K per microbatch); rewards (B, K)
+- JudgmentDataLoader (CUT)      judged           judged (judgment-conditioned prompt, or plain for positives),
+                                                 plain (plain prompt, identical response ids); weight_unlike
 
 Sharding: `batch_size` is the global batch (items per optimizer step). It is cut into world_size x accumulation
 chunks of m items; chunk c goes to rank c % world_size as accumulation microbatch c // world_size, so any
@@ -35,11 +36,13 @@ import numpy as np
 import torch
 from jinja2 import TemplateError
 
-from feedback import DataError, Dataset, Example, check_finite_scores, desirable_of, groups_of, has_scores, pairs_of
-from models import CONTROL_TOKENS
+from feedbackalign.batches import Batch, Sequence
+from feedbackalign.errors import CheckpointError, ConfigError, DataError
+from feedbackalign.feedback import (ROLES, Dataset, Example, check_finite_scores, desirable_of, groups_of, has_scores,
+                                    pairs_of)
+from feedbackalign.models import CONTROL_TOKENS
 
 GOOD_TOKEN, BAD_TOKEN = CONTROL_TOKENS  # CSFT control tokens (Korbak et al. 2023, as in HALOs)
-ROLES = ("system", "user", "assistant")
 
 # CUT's Alpaca templates (wwxu21/CUT templates/alpaca.json, Apache-2.0): plain and judgment-conditioned.
 ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -52,14 +55,6 @@ CHAT_JUDGMENT = "{content}\n\nJudgment of the response to write: {judgment}"
 
 
 @dataclass(frozen=True)
-class Sequence:
-    """One (prompt, response) sequence; the labels are exactly the response tokens."""
-
-    prompt_ids: tuple[int, ...]     # the formatted prompt, tokenised (after truncation)
-    response_ids: tuple[int, ...]   # the response tokens, ending with EOS unless truncated
-
-
-@dataclass(frozen=True)
 class PromptFormat:
     """HALOs-style turn markers, used when the tokenizer has no chat template."""
 
@@ -68,6 +63,11 @@ class PromptFormat:
     assistant_prefix: str = "<|assistant|>\n"
     assistant_suffix: str = "\n"
     system_prefix: str = "<|system|>\n"
+
+    @classmethod
+    def from_config(cls, model_config) -> "PromptFormat":
+        """The markers of a model config (`model.human_prefix` ...)."""
+        return cls(**{name: model_config[name] for name in cls.__dataclass_fields__})
 
 
 # ---------------------------------------------------------------- formatting, tokenising, truncating
@@ -116,25 +116,6 @@ def truncate(prompt_ids: tuple, responses: list[tuple], max_length: int, max_pro
         prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length:]
     room = max_length - len(prompt_ids)
     return prompt_ids, [r[:room] for r in responses]
-
-
-def pad_batch(sequences: list[Sequence], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence of this batch: input_ids, attention_mask and labels (N, T) long,
-    labels = response ids with -100 on prompt and padding."""
-    if not sequences:
-        raise DataError("pad_batch got no sequences: a microbatch must hold at least one sequence")
-    if pad_token_id is None:
-        raise DataError("the tokenizer has no pad token: set tokenizer.pad_token (models.load_tokenizer does)")
-    width = max(len(s.prompt_ids) + len(s.response_ids) for s in sequences)
-    input_ids = torch.full((len(sequences), width), int(pad_token_id), dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
-    for n, seq in enumerate(sequences):
-        p, length = len(seq.prompt_ids), len(seq.prompt_ids) + len(seq.response_ids)
-        input_ids[n, :length] = torch.tensor(seq.prompt_ids + seq.response_ids, dtype=torch.long)
-        attention_mask[n, :length] = 1
-        labels[n, p:length] = torch.tensor(seq.response_ids, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 # ---------------------------------------------------------------- checking and choosing from Examples
@@ -215,6 +196,7 @@ class Item:
 class DataLoader:
     """Shared machinery: options, item collection, epoch order, sharding, tokenisation cache, resume."""
 
+    batch_kind: str = ""           # the Batch layout it yields (batches.KINDS)
     OPTIONS: dict[str, Any] = {}
     NEEDS = "generations"          # what the loss needs, for errors
     SKIPPED = "examples that give no unit"   # what items_of counts as skipped, for the warning
@@ -222,16 +204,15 @@ class DataLoader:
     def __init__(self, datasets: list[Dataset], tokenizer, *, split: str = "train", batch_size: int,
                  gradient_accumulation_steps: int = 1, rank: int = 0, world_size: int = 1, max_length: int = 512,
                  max_prompt_length: int = 256, seed: int = 0, n_epochs: Optional[int] = None,
-                 n_examples: Optional[int] = None, shuffle: bool = True, human_prefix: str = "<|user|>\n",
-                 human_suffix: str = "\n", assistant_prefix: str = "<|assistant|>\n", assistant_suffix: str = "\n",
-                 system_prefix: str = "<|system|>\n", **loader_options):
+                 n_examples: Optional[int] = None, shuffle: bool = True,
+                 prompt_format: PromptFormat = PromptFormat(), **loader_options):
         self.name = type(self).__name__
         self.options = self._check_options(loader_options)
         self.tokenizer, self.split, self.seed, self.shuffle = tokenizer, split, int(seed), bool(shuffle)
         self.batch_size, self.accum = int(batch_size), int(gradient_accumulation_steps)
         self.rank, self.world_size = int(rank), int(world_size)
         self.max_length, self.max_prompt_length = int(max_length), int(max_prompt_length)
-        self.fmt = PromptFormat(human_prefix, human_suffix, assistant_prefix, assistant_suffix, system_prefix)
+        self.fmt = prompt_format
         self._check_settings(n_epochs, n_examples)
         self.microbatch_size = self.batch_size // (self.world_size * self.accum)
         self._prompt_ids: dict[tuple[str, bool], tuple[int, ...]] = {}
@@ -257,26 +238,26 @@ class DataLoader:
         unknown = sorted(set(given) - set(self.OPTIONS))
         if unknown:
             valid = ", ".join(sorted(self.OPTIONS)) or "none"
-            raise DataError(f"{self.name} got unknown option(s) {', '.join(repr(u) for u in unknown)}; "
+            raise ConfigError(f"{self.name} got unknown option(s) {', '.join(repr(u) for u in unknown)}; "
                             f"valid options: {valid}")
         return {**self.OPTIONS, **given}
 
     def _check_settings(self, n_epochs, n_examples) -> None:
         parts = self.world_size * self.accum
         if self.world_size < 1 or self.accum < 1 or not 0 <= self.rank < self.world_size:
-            raise DataError(f"{self.name}: need world_size >= 1, gradient_accumulation_steps >= 1 and "
+            raise ConfigError(f"{self.name}: need world_size >= 1, gradient_accumulation_steps >= 1 and "
                             f"0 <= rank < world_size; got {self.world_size}, {self.accum}, {self.rank}")
         if self.batch_size < 1 or self.batch_size % parts:
-            raise DataError(f"{self.name}: batch_size {self.batch_size} must be a positive multiple of world_size "
+            raise ConfigError(f"{self.name}: batch_size {self.batch_size} must be a positive multiple of world_size "
                             f"x gradient_accumulation_steps = {self.world_size} x {self.accum} = {parts}")
         if not 0 < self.max_prompt_length < self.max_length:
-            raise DataError(f"{self.name}: need 0 < max_prompt_length < max_length so every response keeps a "
+            raise ConfigError(f"{self.name}: need 0 < max_prompt_length < max_length so every response keeps a "
                             f"token; got {self.max_prompt_length} and {self.max_length}")
         for key, value in (("n_epochs", n_epochs), ("n_examples", n_examples)):
             if value is not None and int(value) < 1:
-                raise DataError(f"{self.name}: {key} must be a positive integer or null, got {value}")
+                raise ConfigError(f"{self.name}: {key} must be a positive integer or null, got {value}")
         if self.tokenizer.eos_token_id is None:
-            raise DataError(f"{self.name}: the tokenizer has no EOS token; every response ends with EOS")
+            raise ConfigError(f"{self.name}: the tokenizer has no EOS token; every response ends with EOS")
 
     def _setup(self) -> None:
         """Subclass hook: validate options before items are collected."""
@@ -289,7 +270,7 @@ class DataLoader:
 
     def _collect(self, datasets: list[Dataset]) -> list[Item]:
         if not datasets:
-            raise DataError(f"{self.name}: no datasets given; set datasets=[...] in the config")
+            raise ConfigError(f"{self.name}: no datasets given; set datasets=[...] in the config")
         items: list[Item] = []
         for ds in datasets:
             if len(ds) == 0:
@@ -344,7 +325,7 @@ class DataLoader:
         """Number of optimizer steps of the whole run."""
         return self.total_steps
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         batches, batches_epoch = None, -1
         m = self.microbatch_size
         for step in range(self._start_step, self.total_steps):
@@ -354,7 +335,7 @@ class DataLoader:
             for micro in range(self.accum):
                 chunk = micro * self.world_size + self.rank
                 out = self.collate([self.items[n] for n in batches[pos][chunk * m:(chunk + 1) * m]])
-                out.update(step=step, micro=micro, epoch=epoch)
+                out.step, out.micro, out.epoch = step, micro, epoch
                 if micro == self.accum - 1:
                     self._position = step + 1
                 yield out
@@ -369,13 +350,13 @@ class DataLoader:
         have = {"seed": self.seed, "batch_size": self.batch_size, "n_items": len(self.items)}
         for key, value in have.items():
             if key in state and int(state[key]) != value:
-                raise DataError(f"{self.name}: resume state has {key}={state[key]} but this run has {value}; "
+                raise CheckpointError(f"{self.name}: resume state has {key}={state[key]} but this run has {value}; "
                                 "resume with the same datasets, split, seed, batch_size and loader options")
         if "next_step" not in state:
-            raise DataError(f"{self.name}: resume state has no 'next_step'; pass a dict from state_dict()")
+            raise CheckpointError(f"{self.name}: resume state has no 'next_step'; pass a dict from state_dict()")
         step = int(state["next_step"])
         if not 0 <= step <= self.total_steps:
-            raise DataError(f"{self.name}: resume step {step} is outside this run's {self.total_steps} steps; "
+            raise CheckpointError(f"{self.name}: resume step {step} is outside this run's {self.total_steps} steps; "
                             "use the same n_epochs/n_examples as the saved run")
         self._start_step = self._position = step
 
@@ -409,13 +390,13 @@ class DataLoader:
 
     # -- batches
 
-    def collate(self, items: list[Item]) -> dict:
-        """One microbatch dict of this loader's layout."""
+    def collate(self, items: list[Item]) -> Batch:
+        """One microbatch of this loader's `batch_kind`."""
         raise NotImplementedError
 
-    def _batch(self, items: list[Item], sequences: list[Sequence], **tensors) -> dict:
-        return {"sequences": sequences, "prompts": [self.prompt_text(it.example) for it in items],
-                "examples": [it.example.source for it in items], **tensors}
+    def _batch(self, items: list[Item], parts: dict[str, list[Sequence]], **values: torch.Tensor) -> Batch:
+        return Batch(self.batch_kind, parts, values, prompts=[self.prompt_text(it.example) for it in items],
+                     sources=[it.example.source for it in items])
 
 
 # ---------------------------------------------------------------- the six loaders
@@ -424,6 +405,7 @@ class DataLoader:
 class SFTDataLoader(DataLoader):
     """SFT: one target per Example (sft_index, else best-scored, else chosen/desirable); N = B."""
 
+    batch_kind = "sft"
     NEEDS = "an SFT target (sft_index, scores, pairs, desirable labels or unjudged generations)"
     SKIPPED = "example(s) with no SFT target"
 
@@ -434,7 +416,7 @@ class SFTDataLoader(DataLoader):
     def collate(self, items):
         seqs = [self.sequences(self.prompt_text(it.example), [it.example.generations[it.gens[0]]])[0]
                 for it in items]
-        return self._batch(items, seqs)
+        return self._batch(items, {"targets": seqs})
 
 
 class ConditionalSFTDataLoader(DataLoader):
@@ -442,6 +424,7 @@ class ConditionalSFTDataLoader(DataLoader):
     <|good|> (desirable) or <|bad|> (undesirable), as the original HALOs appends it to the prompt; the token is
     masked from the labels. At sampling time condition on `GOOD_TOKEN`: format_prompt(...) + GOOD_TOKEN."""
 
+    batch_kind = "conditional_sft"
     OPTIONS = {"desirable_threshold": None, "chosen_control_token": GOOD_TOKEN, "rejected_control_token": BAD_TOKEN}
     NEEDS = "desirable labels, scores, judgments or pairs"
 
@@ -450,7 +433,7 @@ class ConditionalSFTDataLoader(DataLoader):
         for key in ("chosen_control_token", "rejected_control_token"):
             token = self.options[key]
             if token not in vocab:
-                raise DataError(f"{self.name}: {key} '{token}' is not a token of the tokenizer; load it with "
+                raise ConfigError(f"{self.name}: {key} '{token}' is not a token of the tokenizer; load it with "
                                 "models.load_tokenizer (which adds <|good|>/<|bad|>) or add it as a special token")
         self.good_token = self.options["chosen_control_token"]
         self.bad_token = self.options["rejected_control_token"]
@@ -464,19 +447,21 @@ class ConditionalSFTDataLoader(DataLoader):
         for it in items:
             token = self.good_token if it.label else self.bad_token
             seqs += self.sequences(self.prompt_text(it.example) + token, [it.example.generations[it.gens[0]]])
-        return self._batch(items, seqs)
+        return self._batch(items, {"targets": seqs},
+                           desirable=torch.tensor([bool(it.label) for it in items], dtype=torch.bool))
 
 
 class PairedPreferenceDataLoader(DataLoader):
     """DPO-style pairs from feedback.pairs_of; N = 2B: chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}.
     `chosen_scores`/`rejected_scores` (B,) are present when every pair of the microbatch has scores."""
 
+    batch_kind = "pairs"
     OPTIONS = {"pair_mode": "best_worst", "pair_margin": 0.0}
     NEEDS = "preference pairs or scores"
 
     def _setup(self):
         if self.options["pair_mode"] not in ("best_worst", "all"):
-            raise DataError(f"{self.name}: pair_mode '{self.options['pair_mode']}' is unknown; use best_worst or all")
+            raise ConfigError(f"{self.name}: pair_mode '{self.options['pair_mode']}' is unknown; use best_worst or all")
 
     def items_of(self, ex, where):
         scored = ex.scores is not None
@@ -492,11 +477,11 @@ class PairedPreferenceDataLoader(DataLoader):
             c, r = self.sequences(self.prompt_text(it.example), [it.example.generations[k] for k in it.gens])
             chosen.append(c)
             rejected.append(r)
-        out = self._batch(items, chosen + rejected)
+        scores = {}
         if all(it.values is not None for it in items):
-            out["chosen_scores"] = torch.tensor([it.values[0] for it in items], dtype=torch.float32)
-            out["rejected_scores"] = torch.tensor([it.values[1] for it in items], dtype=torch.float32)
-        return out
+            scores = {"chosen_scores": torch.tensor([it.values[0] for it in items], dtype=torch.float32),
+                      "rejected_scores": torch.tensor([it.values[1] for it in items], dtype=torch.float32)}
+        return self._batch(items, {"chosen": chosen, "rejected": rejected}, **scores)
 
 
 class UnpairedPreferenceDataLoader(DataLoader):
@@ -505,6 +490,7 @@ class UnpairedPreferenceDataLoader(DataLoader):
     KTO's reference point needs. Tensors: desirable (B,) bool, scores (B,) float (the generation's score,
     else +1/-1; PPO's reward). Each sequence is truncated on its own, as in HALOs."""
 
+    batch_kind = "unpaired"
     OPTIONS = {"desirable_threshold": None}
     NEEDS = "desirable labels, scores, judgments or pairs"
 
@@ -528,7 +514,7 @@ class UnpairedPreferenceDataLoader(DataLoader):
             prompt = self.prompt_text(it.example)
             targets += self.sequences(prompt, [texts[k]])
             partners += self.sequences(prompt, [texts[(k + 1) % len(items)]])
-        return self._batch(items, targets + partners,
+        return self._batch(items, {"targets": targets, "kl_partners": partners},
                            desirable=torch.tensor([bool(it.label) for it in items], dtype=torch.bool),
                            scores=torch.tensor([it.values[0] for it in items], dtype=torch.float32))
 
@@ -539,13 +525,14 @@ class RewardDataLoader(DataLoader):
     remainder that does not fill a global batch is dropped for that epoch (a different one each epoch).
     Groups with fewer than n_responses generations keep their own K. Pairs-only data: K=2, rewards (1, 0)."""
 
+    batch_kind = "groups"
     OPTIONS = {"n_responses": None}
     NEEDS = "K responses with scores, or preference pairs"
 
     def _setup(self):
         k = self.options["n_responses"]
         if k is not None and (int(k) != k or int(k) < 2):
-            raise DataError(f"{self.name}: n_responses must be an integer >= 2 or null, got {k}")
+            raise ConfigError(f"{self.name}: n_responses must be an integer >= 2 or null, got {k}")
 
     def items_of(self, ex, where):
         k = self.options["n_responses"]
@@ -563,7 +550,8 @@ class RewardDataLoader(DataLoader):
         seqs = []
         for it in items:
             seqs += self.sequences(self.prompt_text(it.example), [it.example.generations[k] for k in it.gens])
-        return self._batch(items, seqs, rewards=torch.tensor([it.values for it in items], dtype=torch.float32))
+        return self._batch(items, {"responses": seqs},
+                           rewards=torch.tensor([it.values for it in items], dtype=torch.float32))
 
 
 class JudgmentDataLoader(DataLoader):
@@ -576,17 +564,18 @@ class JudgmentDataLoader(DataLoader):
     are sampled relative to the judged negatives; None keeps all). prompt_template: alpaca = CUT's templates
     (single-turn prompts), chat = the loader's format with the judgment appended to the last user turn."""
 
+    batch_kind = "judged"
     OPTIONS = {"weight_unlike": 1.0, "downsample": None, "prompt_template": "chat"}
     NEEDS = "judgments or desirable generations"
     SKIPPED = "undesirable generation(s) without a judgment text (a CUT negative needs one)"
 
     def _setup(self):
         if self.options["prompt_template"] not in ("chat", "alpaca"):
-            raise DataError(f"{self.name}: prompt_template '{self.options['prompt_template']}' is unknown; "
+            raise ConfigError(f"{self.name}: prompt_template '{self.options['prompt_template']}' is unknown; "
                             "use chat or alpaca")
         d = self.options["downsample"]
         if d is not None and not float(d) >= 0:
-            raise DataError(f"{self.name}: downsample is the number of positives kept per judged negative "
+            raise ConfigError(f"{self.name}: downsample is the number of positives kept per judged negative "
                             f"(>= 0); got {d}")
 
     def items_of(self, ex, where):
@@ -643,4 +632,5 @@ class JudgmentDataLoader(DataLoader):
             first.append(Sequence(judged.prompt_ids, shared))
             second.append(Sequence(plain.prompt_ids, shared))
             weights.append(float(self.options["weight_unlike"]))
-        return self._batch(items, first + second, weight_unlike=torch.tensor(weights, dtype=torch.float32))
+        return self._batch(items, {"judged": first, "plain": second},
+                           weight_unlike=torch.tensor(weights, dtype=torch.float32))

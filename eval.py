@@ -31,7 +31,6 @@ reference (the initial model, or the LoRA base) rebuilt (HALOs always used DPO's
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import hashlib
 import json
@@ -39,20 +38,18 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-import checkpoints
 import dataloader
-import models
-import train
-import trainers
-from fileio import write_json_atomic
-from feedback import DataError
+from feedbackalign import builders, checkpoints, models
+from feedbackalign.configuration import as_dict, compose
+from feedbackalign.errors import CheckpointError, ConfigError, DataError, EnvError, UserError, one_line
+from feedbackalign.feedback import last_user_turn
+from feedbackalign.fileio import write_json_atomic
 
 DEFAULTS = {"mode": "sample", "n_samples": 128, "samples_dir": "samples", "split": "test", "checkpoint": "policy",
             "backend": "hf", "temperature": 0.7, "top_p": 0.95, "max_new_tokens": None, "control_token": None,
@@ -75,15 +72,15 @@ def parse_args(argv: list[str]) -> tuple[Path, str, list[str]]:
         if flag in flags:
             if not eq:
                 if not args:
-                    raise DataError(f"{flag} needs a value: {USAGE}")
+                    raise ConfigError(f"{flag} needs a value: {USAGE}")
                 value = args.pop(0)
             found[flags[flag]] = value
         elif arg.startswith("-"):
-            raise DataError(f"unknown option {arg}: {USAGE}")
+            raise ConfigError(f"unknown option {arg}: {USAGE}")
         else:
             overrides.append(arg)
     if "path" not in found:
-        raise DataError(f"no run directory given: {USAGE}")
+        raise ConfigError(f"no run directory given: {USAGE}")
     return Path(found["path"]).expanduser().resolve(), found["name"], overrides
 
 
@@ -92,19 +89,18 @@ def load_config(run_dir: Path, config_name: str, overrides: list[str]) -> DictCo
     run_dir = Path(run_dir).expanduser().resolve()
     path = run_dir / f"{config_name}.yaml"
     if not run_dir.is_dir():
-        raise DataError(f"--config-path={run_dir}: no such run directory (give the directory train.py wrote, "
+        raise CheckpointError(f"--config-path={run_dir}: no such run directory (give the directory train.py wrote, "
                         "e.g. runs/<exp_name>)")
     if not path.is_file():
-        raise DataError(f"--config-path={run_dir}: {path.name} is missing, so this is not a train.py run directory "
+        raise CheckpointError(f"--config-path={run_dir}: {path.name} is missing, so this is not a train.py run directory "
                         "(give runs/<exp_name>)")
     try:
         saved = OmegaConf.load(path)
         defaults = [f"++{k}={'null' if v is None else json.dumps(v)}" for k, v in DEFAULTS.items() if k not in saved]
-        with initialize_config_dir(config_dir=str(run_dir), version_base=None):
-            return compose(config_name, overrides=defaults + list(overrides))
+        return compose(defaults + list(overrides), config_dir=run_dir, config_name=config_name)
     except (HydraException, OmegaConfBaseException) as e:
         why = " ".join(line.strip() for line in str(e).splitlines()[:2] if line.strip()) or type(e).__name__
-        raise DataError(f"config of {run_dir} with overrides {' '.join(overrides) or '(none)'}: {why}") from None
+        raise ConfigError(f"config of {run_dir} with overrides {' '.join(overrides) or '(none)'}: {why}") from None
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -122,7 +118,7 @@ def check_settings(cfg: DictConfig) -> None:
     ]
     for key, ok, valid in rules:
         if not ok:
-            raise DataError(f"{key}={OmegaConf.select(cfg, key)} is not valid for eval.py: use {valid}")
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} is not valid for eval.py: use {valid}")
 
 
 def _number(x) -> bool:
@@ -142,19 +138,19 @@ def checkpoint_path(checkpoint: str, run_dir: Path) -> Path:
     if checkpoint in ("policy", "hf"):
         latest = run_dir / "LATEST"
         if not (latest / "policy.pt").is_file():
-            raise DataError(f"{run_dir} has no checkpoint: {latest}/policy.pt does not exist (let the run finish "
+            raise CheckpointError(f"{run_dir} has no checkpoint: {latest}/policy.pt does not exist (let the run finish "
                             "its first save, or pass ++checkpoint=<path to a policy.pt>)")
         if checkpoint == "policy":
             return latest.resolve() / "policy.pt"
         if not is_export(latest / "hf"):
-            raise DataError(f"checkpoint=hf: {latest}/hf holds no save_pretrained export (the run had export_hf="
+            raise CheckpointError(f"checkpoint=hf: {latest}/hf holds no save_pretrained export (the run had export_hf="
                             "false, or LATEST is an intermediate checkpoint); use checkpoint=policy and backend=hf")
         return latest.resolve() / "hf"
     path = Path(str(checkpoint)).expanduser()
     if path.is_dir() and not is_export(path):
         path = path / "policy.pt"
     if not path.exists():
-        raise DataError(f"checkpoint={checkpoint} is neither policy, hf, nor an existing policy.pt, directory "
+        raise CheckpointError(f"checkpoint={checkpoint} is neither policy, hf, nor an existing policy.pt, directory "
                         "holding one, or save_pretrained directory")
     return path
 
@@ -164,44 +160,34 @@ def is_export(path: Path) -> bool:
     return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
-def run_model(cfg, tokenizer, device, *, lora: bool, load_from):
-    """train.build_policy for this run's model with LoRA on or off and `load_from` replaced; full precision."""
-    build_cfg = copy.deepcopy(cfg)
-    with open_dict(build_cfg):
-        build_cfg.model.lora.enabled = lora
-        build_cfg.model.lora.load_in_4bit = False
-        build_cfg.model.load_from = load_from
-        build_cfg.model.activation_checkpointing = False
-    return train.build_policy(build_cfg, tokenizer, device)
-
-
 def load_policy(cfg, tokenizer, path: Path, device, merge_lora: bool):
     """The trained policy in eval mode, from a model export; a peft adapter export on the run's base (LoRA); or
     the run's model with the weights of a HALOs-style policy.pt (plain, LoRA merged; peft-named weights get the
     adapters back). `merge_lora` folds adapters in (sampling; never mode=eval: its LoRA reference is the policy
     with adapters disabled)."""
     if (path / "config.json").is_file():
-        policy = models.build_model(str(path), train.model_dtype(cfg.model.policy_dtype, device),
+        policy = models.build_model(str(path), builders.model_dtype(cfg.model.policy_dtype, device),
                                     attn_implementation=cfg.model.attn_implementation).to(device)
     elif path.is_dir():
         from peft import PeftModel
 
-        base = run_model(cfg, tokenizer, device, lora=False, load_from=cfg.model.load_from)
+        base = builders.build_policy(cfg, tokenizer, device, lora=False, activation_checkpointing=False)
         # trainable only because mode=eval's Trainer builds an optimizer, which needs a parameter to hold
         policy = PeftModel.from_pretrained(base, str(path), is_trainable=True).to(device)
     else:
         state = read_weights(path)
         lora = any(k.startswith("base_model.model.") for k in state)
-        policy = run_model(cfg, tokenizer, device, lora=lora, load_from=None)
+        policy = builders.build_policy(cfg, tokenizer, device, load_from="", lora=lora, in_4bit=False,
+                                       activation_checkpointing=False)
         try:
             missing, unexpected = policy.load_state_dict(state, strict=False)
         except RuntimeError as e:  # shape mismatch: another model's checkpoint
-            raise DataError(f"checkpoint {path} does not fit model={cfg.model.name}: "
+            raise CheckpointError(f"checkpoint {path} does not fit model={cfg.model.name}: "
                             f"{str(e).splitlines()[-1].strip()}") from None
         if unexpected or [k for k in missing if "lm_head" not in k]:
-            raise DataError(f"checkpoint {path} does not fit model={cfg.model.name}: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}")
-    if merge_lora and hasattr(policy, "merge_and_unload"):
+            raise CheckpointError(f"checkpoint {path} does not fit model={cfg.model.name}: missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]}")
+    if merge_lora and models.is_lora(policy):
         policy = policy.merge_and_unload()
     return policy.eval()
 
@@ -210,9 +196,9 @@ def read_weights(path: Path) -> dict:
     """The state dict of a policy.pt (checkpoints.load_policy_weights), its errors worded for `checkpoint`."""
     try:
         return checkpoints.load_policy_weights(path)
-    except DataError as e:
+    except CheckpointError as e:
         why = str(e).splitlines()[0].removeprefix("model.load_from: ")
-        raise DataError(f"checkpoint {path} is unreadable ({why})") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable ({why})") from None
 
 
 # ---------------------------------------------------------------- prompts
@@ -228,7 +214,7 @@ def eval_examples(cfg, split: str, n: int | None) -> list[tuple[str, object]]:
     """(id, Example) of the split's first n prompts, ordered by hash(seed, id): a prompt's place depends on the
     seed and its own content only, so runs over the same datasets get the same prompts in the same order."""
     by_id = {}
-    for ds in train.load_datasets(cfg, split):
+    for ds in builders.load_datasets(cfg, split):
         for ex in ds.examples:
             by_id.setdefault(sample_id(ex.dataset_name or ds.name, ex.prompt), ex)
     order = sorted(by_id, key=lambda i: hashlib.sha256(f"{cfg.seed}\x1e{i}".encode()).hexdigest())
@@ -241,16 +227,14 @@ def control_token(cfg) -> str:
     """`control_token`, else the run's loader's `chosen_control_token` option (CSFT conditions on <|good|>)."""
     if cfg.control_token is not None:
         return str(cfg.control_token)
-    loader_class = train.class_by_name(dataloader, cfg.loss.dataloader, dataloader.DataLoader, "loss.dataloader")
-    options = {**getattr(loader_class, "OPTIONS", {}), **train.as_dict(cfg.loss.get("data"))}
+    loader_class = builders.dataloader_class(cfg, builders.trainer_class(cfg))
+    options = {**loader_class.OPTIONS, **as_dict(cfg.loss.get("data"))}
     return options.get("chosen_control_token") or ""
 
 
 def prompt_texts(cfg, tokenizer, examples) -> list[str]:
     """Each prompt as the model saw it in training: chat template or HALOs markers, then the control token."""
-    m = cfg.model
-    fmt = dataloader.PromptFormat(m.human_prefix, m.human_suffix, m.assistant_prefix, m.assistant_suffix,
-                                  m.system_prefix)
+    fmt = dataloader.PromptFormat.from_config(cfg.model)
     token = control_token(cfg)
     return [dataloader.format_prompt(ex.prompt, tokenizer, fmt, ex.source or "prompt") + token for _, ex in examples]
 
@@ -326,7 +310,7 @@ def generate_vllm(model_dir: Path, tokenizer, prompt_ids: list[list[int]], budge
     except ImportError:
         missing.append("the vllm package (pip install '.[gpu]')")
     if missing:
-        raise DataError(f"backend=vllm needs {' and '.join(missing)}: use backend=hf")
+        raise EnvError(f"backend=vllm needs {' and '.join(missing)}: use backend=hf")
     greedy, stops = cfg.temperature == 0, stop_ids(tokenizer)
     llm = LLM(model=str(model_dir), seed=cfg.seed, dtype=cfg.model.policy_dtype)
     params = [SamplingParams(temperature=float(cfg.temperature), top_p=1.0 if greedy else float(cfg.top_p),
@@ -351,7 +335,7 @@ def sample(cfg, run_dir: Path) -> Path:
     vllm = cfg.backend == "vllm"
     path = checkpoint_path("hf" if vllm and cfg.checkpoint == "policy" else cfg.checkpoint, run_dir)
     if vllm and not (path / "config.json").is_file():
-        raise DataError(f"backend=vllm loads a full save_pretrained model, and checkpoint={cfg.checkpoint} is a "
+        raise ConfigError(f"backend=vllm loads a full save_pretrained model, and checkpoint={cfg.checkpoint} is a "
                         f"policy.pt or a peft adapter ({path}): use backend=hf")
     tokenizer = models.load_tokenizer(cfg.model.tokenizer_name_or_path)
     examples = eval_examples(cfg, cfg.split, cfg.n_samples)
@@ -381,46 +365,18 @@ def sample(cfg, run_dir: Path) -> Path:
     return out
 
 
-def last_user_turn(turns: list[dict]) -> str:
-    users = [t["content"] for t in turns if t["role"] == "user"]
-    return users[-1] if users else turns[-1]["content"]
-
-
-def frozen_initial_model(cfg, tokenizer, policy, device):
-    """The run's reference: None when the loss needs none or the policy is a LoRA model (adapters disabled);
-    else the run's starting weights (model.load_from, else the base), frozen, in reference_dtype."""
-    if not cfg.loss.use_reference_model or hasattr(policy, "disable_adapter"):
-        return None
-    reference = run_model(cfg, tokenizer, device, lora=False, load_from=cfg.model.load_from)
-    return reference.to(train.model_dtype(cfg.model.reference_dtype, device)).eval().requires_grad_(False)
-
-
-def trained_value_head(trainer_class, policy, path: Path):
-    """PPO's critic with its trained weights (the checkpoint's resume.pt), else None."""
-    if not hasattr(trainer_class, "make_value_head"):
-        return None
-    head = trainer_class.make_value_head(policy)
-    found = [p for p in (path.parent / "resume.pt", path.parent / "optimizer.pt") if p.is_file()]
-    state = torch.load(found[0], map_location="cpu", weights_only=True).get("value_head") if found else None
-    if not state:
-        raise DataError(f"checkpoint {path}: no trained value head beside it ({path.parent}/resume.pt), so the "
-                        "critic loss cannot be evaluated; give a checkpoint directory written by train.py")
-    head.load_state_dict(state)
-    return head
-
-
 def evaluate(cfg, run_dir: Path) -> dict:
     """The run's own loss and metrics on the split, with its Trainer subclass, loader and reference."""
     path = checkpoint_path(cfg.checkpoint, run_dir)
     device = device_of()
-    tokenizer = models.load_tokenizer(cfg.model.tokenizer_name_or_path)
-    trainer_class = train.class_by_name(trainers, cfg.loss.trainer, trainers.BasicTrainer, "loss.trainer")
-    loader = train.make_loader(cfg, tokenizer, train.load_datasets(cfg, cfg.split), split=cfg.split, rank=0,
-                               world_size=1, train=False)
+    tokenizer = builders.build_tokenizer(cfg)
+    trainer_class = builders.trainer_class(cfg)
+    loader = builders.build_loader(cfg, tokenizer, split=cfg.split, train=False)
     policy = load_policy(cfg, tokenizer, path, device, merge_lora=False)
-    reference = frozen_initial_model(cfg, tokenizer, policy, device)
-    value_head = trained_value_head(trainer_class, policy, path)
-    trainer = trainer_class(cfg, tokenizer, policy, reference, loader, loader, run_dir, value_head=value_head)
+    reference = builders.build_reference(cfg, tokenizer, device, policy=policy, policy_is_initial=False)
+    heads = trainer_class.make_heads(policy)
+    checkpoints.load_heads(path.parent, heads)
+    trainer = trainer_class(cfg, tokenizer, policy, reference, loader, loader, run_dir, heads=heads)
     metrics = trainer.evaluate()
     out = Path(cfg.samples_dir) / f"{cfg.exp_name}.eval.json"
     write_json_atomic(out, {"evaluated_at": now(), "exp_name": cfg.exp_name, "checkpoint": str(path),
@@ -440,10 +396,10 @@ def main(argv: list[str] | None = None) -> int:
         run_dir, name, overrides = parse_args(argv)
         cfg = load_config(run_dir, name, overrides)
         check_settings(cfg)
-        train.seed_everything(cfg.seed, False)
+        builders.seed_everything(cfg.seed, False)
         (sample if cfg.mode == "sample" else evaluate)(cfg, run_dir)
-    except DataError as e:
-        print(f"eval.py: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    except UserError as e:
+        print(f"eval.py: error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("eval.py: interrupted (a file is written whole or not at all)", file=sys.stderr, flush=True)

@@ -1,6 +1,6 @@
 """Pure loss math for aligning language models with offline feedback: tensors in, tensors out.
 
-No model, no config object, no I/O (design.md, "Contracts"). Conventions shared by every function:
+No model, no config object, no I/O. Conventions shared by every function:
 
 - `*_logps` are per-sequence sums of completion-token log-probs, shape (B,), unless a docstring says otherwise;
   `*_token_logps` are (B, T) per-token log-probs with a (B, T) bool mask over label positions (already shifted).
@@ -8,8 +8,9 @@ No model, no config object, no I/O (design.md, "Contracts"). Conventions shared 
 - Reported rewards are detached. Work happens in the input dtype (float64 in, float64 out); only 16-bit
   logits are lifted to float32 before a log-softmax.
 - Log-sigmoids use `F.logsigmoid`, never `log(sigmoid(.))`; `log(1 - p)` uses `_log1mexp`.
-- A bad argument a user can pass (mismatched shapes, K < 2, tau <= 0, an all-masked batch) raises
-  `feedback.DataError` naming the function, the argument and what to do.
+- A bad hyper-parameter (tau <= 0, label smoothing above 0.5) raises `errors.ConfigError`; bad tensors a user's
+  data can cause (mismatched shapes, K < 2, an all-masked batch) raise `errors.DataError`; both name the function,
+  the argument and what to do.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from feedback import DataError
+from feedbackalign.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100  # label value of prompt and padding positions (Hugging Face convention)
 
@@ -36,9 +37,9 @@ def _check_same_shape(where: str, **tensors: torch.Tensor) -> None:
 
 
 def _check_positive(where: str, name: str, value: float) -> None:
-    """Raise DataError unless a hyper-parameter is > 0."""
+    """Raise ConfigError unless a hyper-parameter is > 0."""
     if not value > 0:
-        raise DataError(f"losses.{where}: {name} must be > 0, got {value}; fix it in the loss config")
+        raise ConfigError(f"losses.{where}: {name} must be > 0, got {value}; fix it in the loss config")
 
 
 def _lengths(where: str, name: str, lengths, like: torch.Tensor) -> torch.Tensor:
@@ -99,7 +100,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                       policy_rejected_logps=policy_rejected_logps, reference_chosen_logps=reference_chosen_logps,
                       reference_rejected_logps=reference_rejected_logps)
     if not 0.0 <= label_smoothing <= 0.5:
-        raise DataError(f"losses.dpo_loss: label_smoothing must be in [0, 0.5], got {label_smoothing}")
+        raise ConfigError(f"losses.dpo_loss: label_smoothing must be in [0, 0.5], got {label_smoothing}")
     chosen_ratio = policy_chosen_logps - reference_chosen_logps
     rejected_ratio = policy_rejected_logps - reference_rejected_logps
     logits = beta * (chosen_ratio - rejected_ratio)

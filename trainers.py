@@ -1,10 +1,12 @@
 """BasicTrainer (loop, accumulation, clipping, eval, metrics, checkpoints, reference log-probs) + one subclass per loss.
 
-A subclass implements `loss(batch, policy, reference, context) -> (loss, metrics)` with tensors from logprobs.py
-and a function from losses.py. Everything else (the one forward per microbatch, the reference live or cached,
-backward, accumulation, FSDP, logging, checkpoints, resume) is BasicTrainer's. Layouts of `batch["sequences"]` are
-the DataLoaders' (dataloader.py): pairs are [chosen..., rejected...], K-groups row-major, KTO [targets..., KL
-partners...], CUT [judgment-conditioned..., plain...].
+A subclass declares what it needs as class attributes: `batch_kind` (the named Batch layout it trains on,
+batches.KINDS), `default_dataloader`, `uses_reference`, and which batch parts its loss forward covers; and
+implements `loss(batch, policy, reference, context) -> (loss, metrics)`, where `policy` and `reference` map each
+part name to its response-aligned TokenLogps (logprobs.py), and a function from losses.py does the math.
+Everything else (the one forward per microbatch, the reference live or cached, backward, accumulation, FSDP,
+metering, logging, checkpoints, resume) is BasicTrainer's. Extra trained modules (PPO's value head) come from
+`make_heads` and are trained, clipped and checkpointed beside the policy.
 """
 
 from __future__ import annotations
@@ -19,18 +21,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import checkpoints
-import distributed
 import losses
-import throughput
-from logprobs import TokenLogps, sequence_logps
-
+from feedbackalign import checkpoints, distributed, throughput
+from feedbackalign.batches import Batch
+from feedbackalign.errors import TrainingError
+from feedbackalign.logprobs import TokenLogps, sequence_logps
+from feedbackalign.models import is_lora
 
 TIMING_METRICS = ("tokens/s", "computed_tokens/s", "examples/s", "s/step", "mfu")  # wall-clock dependent
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite steps); the message says why and what to do."""
+Logps = dict[str, TokenLogps]  # batch part name -> its rows' log-probs
 
 
 def _mean_metrics(per_example: dict[str, list[torch.Tensor]]) -> dict[str, float]:
@@ -40,26 +39,35 @@ def _mean_metrics(per_example: dict[str, list[torch.Tensor]]) -> dict[str, float
 class BasicTrainer:
     """The shared loop. Hyper-parameters come from `config.loss`; the model/optimizer settings from `config`."""
 
+    batch_kind: str = ""                        # the Batch layout the loss reads (batches.KINDS)
+    default_dataloader: str = ""                # the DataLoader class used unless the loss yaml names another
+    uses_reference: bool = False                # the loss needs reference log-probs (live or cached)
+    loss_parts: tuple[str, ...] | None = None   # batch parts the loss forward scores (None: every part)
+    reference_parts: tuple[str, ...] | None = None  # parts ever scored by the reference (the cache pass's share)
+    needs_hidden: bool = False                  # the loss reads the last hidden state (a head on the policy)
+
+    @classmethod
+    def make_heads(cls, policy) -> dict[str, torch.nn.Module]:
+        """Extra modules trained beside the policy (e.g. PPO's value head), by name; none by default."""
+        return {}
+
     def __init__(self, config, tokenizer, policy, reference, train_loader, eval_loader, run_dir, *, rank=0,
-                 world_size=1, reference_cache=None, value_head=None):
+                 world_size=1, reference_cache=None, heads=None):
         self.config, self.tokenizer, self.policy, self.reference = config, tokenizer, policy, reference
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.run_dir = Path(run_dir)
         self.rank, self.world_size = rank, world_size
         self.reference_cache = reference_cache
-        self.value_head = value_head
+        self.heads = torch.nn.ModuleDict(heads or {})
         self.device = next(policy.parameters()).device
         self.peak_flops = throughput.peak_flops(config.peak_flops, self.device, next(policy.parameters()).dtype)
+        self.meter = throughput.Meter(policy.config)
         self.layout = config.model.forward_layout
-        self.row_tokens = config.model.pack_tokens
-        # every trained module under one root, so checkpoints gather policy + value head with one state dict call
-        self.trained_modules = torch.nn.ModuleDict({"policy": policy,
-                                                    **({"value_head": value_head} if value_head else {})})
-        # gradients FSDP does not reduce: the value head's, or every one when the policy is not sharded
-        if distributed.is_sharded(policy):
-            self.replicated = list(value_head.parameters()) if value_head is not None else []
-        else:
-            self.replicated = self.trainable_parameters()
+        # every trained module under one root, so checkpoints gather policy + heads with one state dict call
+        self.trained_modules = torch.nn.ModuleDict({checkpoints.POLICY: policy, **self.heads})
+        # gradients FSDP does not reduce: the heads', or every one when the policy is not sharded
+        self.replicated = list(self.heads.parameters()) if distributed.is_sharded(policy) else \
+            self.trainable_parameters()
         self.optimizer = getattr(torch.optim, config.optimizer)(self.trainable_parameters(), lr=config.lr,
                                                                 **self.optimizer_kwargs())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
@@ -72,41 +80,42 @@ class BasicTrainer:
 
     # ------------------------------------------------------------------ hooks for subclasses
 
-    def loss(self, batch, policy: TokenLogps, reference: TokenLogps | None, context):
+    def loss(self, batch: Batch, policy: Logps, reference: Logps | None, context):
         raise NotImplementedError
 
-    def loss_sequences(self, batch):
-        """The sequences the loss scores with policy and reference (KTO, PPO: the targets, not the KL partners)."""
-        return batch["sequences"]
-
-    def step_context(self, microbatches):
+    def step_context(self, microbatches: list[Batch]):
         """Per-optimizer-step state computed over all microbatches of all ranks before any loss (KTO's z0)."""
         return None
 
-    @property
-    def uses_reference(self) -> bool:
-        return bool(self.config.loss.use_reference_model)
+    # ------------------------------------------------------------------ forward passes (all metered here)
 
-    # ------------------------------------------------------------------ forward passes
-
-    def policy_logps(self, sequences, with_hidden=False) -> TokenLogps:
-        return sequence_logps(self.policy, sequences, self.tokenizer.pad_token_id, self.layout, self.row_tokens,
-                              with_hidden=with_hidden)
+    def policy_logps(self, batch: Batch, parts=None, *, grad: bool = True) -> Logps:
+        """The policy's log-probs of the batch's `parts` in one forward (with the graph unless grad=False)."""
+        sequences = batch.sequences(parts)
+        with nullcontext() if grad else torch.no_grad():
+            values = sequence_logps(self.policy, sequences, self.tokenizer.pad_token_id, self.layout,
+                                    with_hidden=self.needs_hidden and grad)
+        self.meter.record(values, sequences, backward=grad)
+        return batch.split(values, parts)
 
     @torch.no_grad()
-    def reference_logps(self, sequences) -> TokenLogps:
-        """Reference token log-probs: from the content-keyed cache when enabled, else a live no-grad forward."""
+    def reference_logps(self, batch: Batch, parts=None) -> Logps:
+        """Reference log-probs of the batch's `parts`: from the content-keyed cache when enabled, else a live
+        no-grad forward (LoRA: the policy with adapters disabled, no second model in memory)."""
+        sequences = batch.sequences(parts)
         if self.reference_cache is not None:
-            return self.reference_cache.lookup(sequences, device=self.device)
-        model = self.reference if self.reference is not None else self.policy
-        with self.reference_context():
-            return sequence_logps(model, sequences, self.tokenizer.pad_token_id, self.layout, self.row_tokens)
+            values = self.reference_cache.lookup(sequences, device=self.device)
+        else:
+            model = self.reference if self.reference is not None else self.policy
+            with self.policy.disable_adapter() if self.reference is None and is_lora(self.policy) else nullcontext():
+                values = sequence_logps(model, sequences, self.tokenizer.pad_token_id, self.layout)
+            self.meter.record(values, sequences, backward=False, policy=False)
+        return batch.split(values, parts)
 
-    def reference_context(self):
-        """LoRA runs use the base model with adapters disabled as the reference (no second model in memory)."""
-        if self.reference is None and hasattr(self.policy, "disable_adapter"):
-            return self.policy.disable_adapter()
-        return nullcontext()
+    def forward(self, batch: Batch, *, grad: bool = True) -> tuple[Logps, Logps | None]:
+        """(policy, reference) log-probs of the parts the loss scores."""
+        reference = self.reference_logps(batch, self.loss_parts) if self.uses_reference else None
+        return self.policy_logps(batch, self.loss_parts, grad=grad), reference
 
     # ------------------------------------------------------------------ distributed helpers
 
@@ -145,44 +154,36 @@ class BasicTrainer:
                 "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[self.config.lr_schedule]
 
     def trainable_parameters(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        if self.value_head is not None:
-            params += list(self.value_head.parameters())
-        return params
+        return [p for p in self.policy.parameters() if p.requires_grad] + list(self.heads.parameters())
 
     def clip_gradients(self) -> tuple[torch.Tensor, bool]:
-        """Clip the policy's gradients to max_grad_norm (and a value head's to v_head_max_grad_norm, apart: its
+        """Clip the policy's gradients to max_grad_norm (and the heads' to head_max_grad_norm, apart: their
         tensors are not FSDP's DTensors); returns (policy grad norm, every norm finite)."""
         norm = distributed.local_value(torch.nn.utils.clip_grad_norm_(
             [p for p in self.policy.parameters() if p.requires_grad], self.config.model.max_grad_norm))
         finite = bool(torch.isfinite(norm))
-        if self.value_head is not None:
-            head = torch.nn.utils.clip_grad_norm_(self.value_head.parameters(), self.config.model.v_head_max_grad_norm)
-            finite &= bool(torch.isfinite(head))
+        if len(self.heads):
+            heads = torch.nn.utils.clip_grad_norm_(self.heads.parameters(), self.config.model.head_max_grad_norm)
+            finite &= bool(torch.isfinite(heads))
         return norm, finite
 
-    def train_step(self, microbatches) -> dict[str, float]:
+    def train_step(self, microbatches: list[Batch]) -> dict[str, float]:
         """One optimizer step over this rank's microbatches: loss / accumulation, backward, clip, step.
 
         Each microbatch loss is a mean over its items, divided by the accumulation steps; FSDP (or
         `average_gradients`) averages over ranks. Loaders give every (ranks x accumulation) split of a global
         batch the same equal-sized microbatches, so 1 process x 2 steps and 2 processes x 1 step give one update."""
         self.policy.train()
+        self.meter.take()  # forwards since the last step (an evaluation) are not this step's work
         started = time.perf_counter()
         context = self.step_context(microbatches)
         per_example: dict[str, list[torch.Tensor]] = {}
-        tokens = positions = sequence_tokens = flops = 0
         finite = True
         for batch in microbatches:
-            sequences = self.loss_sequences(batch)
-            reference = self.reference_logps(sequences) if self.uses_reference else None
-            policy = self.policy_logps(sequences, with_hidden=self.value_head is not None)
+            policy, reference = self.forward(batch)
             loss, metrics = self.loss(batch, policy, reference, context)
             finite &= bool(torch.isfinite(loss.detach()).all())
             (loss / len(microbatches)).backward()
-            tokens, positions = tokens + policy.tokens, positions + policy.positions
-            sequence_tokens += policy.sequence_tokens
-            flops += self.model_flops(sequences, policy, reference)
             for k, v in metrics.items():
                 per_example.setdefault(k, []).append(self.gather(v))
         distributed.average_gradients(self.replicated, self.world_size)
@@ -191,25 +192,24 @@ class BasicTrainer:
         self.apply_or_skip(bool(bad_ranks == 0))
         elapsed = time.perf_counter() - started
         out = _mean_metrics(per_example)
-        stats = self.all_reduce_sum(torch.tensor([float(tokens), float(positions), float(sequence_tokens), flops],
-                                                 dtype=torch.float64, device=self.device)).tolist()
         out.update({"grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
-                    "tokens/s": stats[2] / elapsed, "computed_tokens/s": stats[0] / elapsed,
-                    "examples/s": self.config.model.batch_size / elapsed,
-                    "padding_fraction": 1 - stats[0] / max(stats[1], 1), "s/step": elapsed,
-                    "mfu": throughput.mfu(stats[3], elapsed, self.peak_flops * self.world_size),
-                    "skipped_steps": self.nonfinite_total})
+                    "examples/s": self.config.model.batch_size / elapsed, "s/step": elapsed,
+                    "skipped_steps": self.nonfinite_total, **self.throughput_metrics(elapsed)})
         return out
 
-    def model_flops(self, sequences, policy: TokenLogps, reference: TokenLogps | None) -> float:
-        """Model FLOPs of this microbatch's policy forward + backward and live reference forward (throughput.py);
-        a cached reference costs none. tokens/s counts len(prompt) + len(response) per sequence (non-pad, as an
-        unshared forward would), so it is comparable across layouts and with TRL."""
-        context = throughput.causal_context(len(s.prompt_ids) + len(s.response_ids) for s in sequences)
-        flops = throughput.logps_flops(self.policy.config, policy, context, backward=True)
-        if reference is not None:
-            flops += throughput.logps_flops(self.policy.config, reference, context)
-        return flops
+    def throughput_metrics(self, elapsed: float) -> dict[str, float]:
+        """tokens/s (len(prompt) + len(response) of every sequence a policy forward scored, KL partners included:
+        comparable across layouts and with TRL), computed_tokens/s (positions every forward really computed,
+        live reference included), padding_fraction and MFU, summed over ranks (throughput.Meter)."""
+        work = self.meter.take()
+        names = ("sequence_tokens", "tokens", "positions", "flops")
+        totals = dict(zip(names, self.all_reduce_sum(torch.tensor([float(work[n]) for n in names],
+                                                                  dtype=torch.float64, device=self.device)).tolist()))
+        out = {"tokens/s": totals["sequence_tokens"] / elapsed, "computed_tokens/s": totals["tokens"] / elapsed,
+               "padding_fraction": 1 - totals["tokens"] / max(totals["positions"], 1)}
+        if self.peak_flops is not None:
+            out["mfu"] = throughput.mfu(totals["flops"], elapsed, self.peak_flops * self.world_size)
+        return out
 
     def apply_or_skip(self, finite: bool) -> None:
         """Take the step, or skip a non-finite one (no update, counted in `skipped_steps`); max_nonfinite_steps
@@ -243,9 +243,7 @@ class BasicTrainer:
         self.eval_loader.load_state_dict(self.eval_start)
         for batch in self.eval_loader:
             context = self.step_context([batch])
-            sequences = self.loss_sequences(batch)
-            reference = self.reference_logps(sequences) if self.uses_reference else None
-            policy = self.policy_logps(sequences, with_hidden=self.value_head is not None)
+            policy, reference = self.forward(batch)
             loss, metrics = self.loss(batch, policy, reference, context)
             metrics = {"loss": loss.detach().reshape(1), **metrics}
             for k, v in metrics.items():
@@ -301,30 +299,31 @@ class BasicTrainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def training_state(self) -> dict:
-        return {"step": self.step, "examples_seen": self.examples_seen, "nonfinite_total": self.nonfinite_total,
-                "nonfinite_in_row": self.nonfinite_in_row, "data": self.train_loader.state_dict()}
+    def train_state(self) -> checkpoints.TrainState:
+        """What a checkpoint saves and a resume restores (checkpoints.py reads nothing else of the trainer)."""
+        progress = {"step": self.step, "examples_seen": self.examples_seen, "nonfinite_total": self.nonfinite_total,
+                    "nonfinite_in_row": self.nonfinite_in_row, "data": self.train_loader.state_dict()}
+        return checkpoints.TrainState(self.trained_modules, self.optimizer, self.scheduler, progress)
 
     def save(self, intermediate: bool = False) -> None:
-        checkpoints.save(self, intermediate=intermediate)
+        cfg = self.config
+        checkpoints.save(self.run_dir, self.train_state(), tokenizer=self.tokenizer, rank=self.rank,
+                         world_size=self.world_size, keep=cfg.keep_checkpoints,
+                         export=cfg.export_hf and not intermediate, merge_lora=cfg.model.lora.merge_on_export)
 
     def resume_from(self, run_dir) -> None:
-        """Policy, optimizer, scheduler, RNG, step and data position from run_dir/LATEST; metrics logged after
-        that checkpoint (by a run killed later) are dropped so the resumed run rewrites them."""
-        state = checkpoints.load_resume_state(self, run_dir)
-        self.step, self.examples_seen = state["step"], state["examples_seen"]
-        self.nonfinite_total, self.nonfinite_in_row = state["nonfinite_total"], state["nonfinite_in_row"]
-        self.train_loader.load_state_dict(state["data"])
+        """Policy, heads, optimizer, scheduler, RNG, step and data position from run_dir/LATEST; metrics logged
+        after that checkpoint (by a run killed later) are dropped so the resumed run rewrites them."""
+        progress = checkpoints.load_resume_state(run_dir, self.train_state(), rank=self.rank,
+                                                 world_size=self.world_size)
+        self.step, self.examples_seen = progress["step"], progress["examples_seen"]
+        self.nonfinite_total, self.nonfinite_in_row = progress["nonfinite_total"], progress["nonfinite_in_row"]
+        self.train_loader.load_state_dict(progress["data"])
         if self.rank == 0:
             checkpoints.truncate_metrics(self.metrics_path, self.step)
 
 
 # ====================================================================== losses on one forward
-
-
-def split_pairs(x: torch.Tensor):
-    half = x.shape[0] // 2
-    return x[:half], x[half:]
 
 
 def preference_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> dict:
@@ -338,32 +337,45 @@ class SFTTrainer(BasicTrainer):
     """Supervised fine-tuning: token-mean NLL over every target token of the optimizer step (all microbatches,
     all ranks), so accumulation and data parallelism give the update of one big batch."""
 
+    batch_kind = "sft"
+    default_dataloader = "SFTDataLoader"
+
     def step_context(self, microbatches):
-        tokens = sum(len(s.response_ids) for batch in microbatches for s in self.loss_sequences(batch))
+        tokens = sum(len(s.response_ids) for batch in microbatches for s in batch.sequences(self.loss_parts))
         return self.all_reduce_sum(torch.tensor(float(tokens), device=self.device)), len(microbatches)
 
     def loss(self, batch, policy, reference, context):
         step_tokens, n_micro = context
-        token_mean = losses.sft_loss_from_token_logps(policy.token_logps, policy.mask)
-        scale = policy.counts.sum() * n_micro * self.world_size / step_tokens
-        return token_mean * scale, {"loss": token_mean.detach().reshape(1), "logps/target": policy.sums.detach()}
+        targets = policy["targets"]
+        token_mean = losses.sft_loss_from_token_logps(targets.token_logps, targets.mask)
+        scale = targets.counts.sum() * n_micro * self.world_size / step_tokens
+        return token_mean * scale, {"loss": token_mean.detach().reshape(1), "logps/target": targets.sums.detach()}
 
 
 class CSFTTrainer(SFTTrainer):
     """Conditional SFT: SFT on targets prefixed with <|good|>/<|bad|> control tokens (HALOs' CSFT)."""
 
+    batch_kind = "conditional_sft"
+    default_dataloader = "ConditionalSFTDataLoader"
+
 
 class PairedPreferenceTrainer(BasicTrainer):
-    """Base for pairwise losses: calls `pair_loss(pc, pr, rc, rr)` and reports HALOs' paired metrics."""
+    """Base for pairwise losses: calls `pair_loss(chosen, rejected, reference_chosen, reference_rejected)` on the
+    parts' TokenLogps (references None without a reference) and reports HALOs' paired metrics."""
 
-    def pair_loss(self, policy_chosen, policy_rejected, reference_chosen, reference_rejected, policy):
+    batch_kind = "pairs"
+    default_dataloader = "PairedPreferenceDataLoader"
+
+    def pair_loss(self, chosen: TokenLogps, rejected: TokenLogps, reference_chosen: TokenLogps | None,
+                  reference_rejected: TokenLogps | None):
         raise NotImplementedError
 
     def loss(self, batch, policy, reference, context):
-        pc, pr = split_pairs(policy.sums)
-        rc, rr = split_pairs(reference.sums) if reference is not None else (None, None)
-        per_example, chosen_rewards, rejected_rewards = self.pair_loss(pc, pr, rc, rr, policy)
-        metrics = preference_metrics(chosen_rewards, rejected_rewards, pc, pr)
+        reference = reference or {"chosen": None, "rejected": None}
+        per_example, chosen_rewards, rejected_rewards = self.pair_loss(policy["chosen"], policy["rejected"],
+                                                                       reference["chosen"], reference["rejected"])
+        metrics = preference_metrics(chosen_rewards, rejected_rewards, policy["chosen"].sums,
+                                     policy["rejected"].sums)
         metrics["loss"] = per_example.detach()
         return per_example.mean(), metrics
 
@@ -371,8 +383,11 @@ class PairedPreferenceTrainer(BasicTrainer):
 class DPOTrainer(PairedPreferenceTrainer):
     """DPO (Rafailov et al. 2023); `label_smoothing` > 0 is conservative DPO."""
 
-    def pair_loss(self, pc, pr, rc, rr, policy):
-        return losses.dpo_loss(pc, pr, rc, rr, self.config.loss.beta, self.config.loss.get("label_smoothing", 0.0))
+    uses_reference = True
+
+    def pair_loss(self, chosen, rejected, ref_chosen, ref_rejected):
+        return losses.dpo_loss(chosen.sums, rejected.sums, ref_chosen.sums, ref_rejected.sums, self.config.loss.beta,
+                               self.config.loss.label_smoothing)
 
 
 class CDPOTrainer(DPOTrainer):
@@ -382,80 +397,90 @@ class CDPOTrainer(DPOTrainer):
 class IPOTrainer(PairedPreferenceTrainer):
     """IPO (Azar et al. 2023), length-normalised log-ratios as in HALOs."""
 
-    def pair_loss(self, pc, pr, rc, rr, policy):
-        lc, lr = split_pairs(policy.counts)
-        return losses.ipo_loss(pc, pr, rc, rr, self.config.loss.tau, lc, lr)
+    uses_reference = True
+
+    def pair_loss(self, chosen, rejected, ref_chosen, ref_rejected):
+        return losses.ipo_loss(chosen.sums, rejected.sums, ref_chosen.sums, ref_rejected.sums, self.config.loss.tau,
+                               chosen.counts, rejected.counts)
 
 
 class NCAPairTrainer(PairedPreferenceTrainer):
     """NCA on pairs (Chen et al. 2024, the paired form)."""
 
-    def pair_loss(self, pc, pr, rc, rr, policy):
-        return losses.nca_pair_loss(pc, pr, rc, rr, self.config.loss.beta)
+    uses_reference = True
+
+    def pair_loss(self, chosen, rejected, ref_chosen, ref_rejected):
+        return losses.nca_pair_loss(chosen.sums, rejected.sums, ref_chosen.sums, ref_rejected.sums,
+                                    self.config.loss.beta)
 
 
 class SLiCTrainer(PairedPreferenceTrainer):
     """SLiC-HF (Zhao et al. 2023): rank calibration + lambda * SFT on the chosen; no reference."""
 
-    def pair_loss(self, pc, pr, rc, rr, policy):
-        return losses.slic_loss(pc, pr, self.config.loss.delta, self.config.loss.lambda_coef)
+    def pair_loss(self, chosen, rejected, ref_chosen, ref_rejected):
+        return losses.slic_loss(chosen.sums, rejected.sums, self.config.loss.delta, self.config.loss.lambda_coef)
 
 
 class SimPOTrainer(PairedPreferenceTrainer):
     """SimPO (Meng et al. 2024): length-normalised policy log-probs with a target margin; no reference."""
 
-    def pair_loss(self, pc, pr, rc, rr, policy):
-        lc, lr = split_pairs(policy.counts)
-        return losses.simpo_loss(pc, pr, lc, lr, self.config.loss.beta, self.config.loss.gamma_beta_ratio)
+    def pair_loss(self, chosen, rejected, ref_chosen, ref_rejected):
+        return losses.simpo_loss(chosen.sums, rejected.sums, chosen.counts, rejected.counts, self.config.loss.beta,
+                                 self.config.loss.gamma_beta_ratio)
 
 
 class ORPOTrainer(PairedPreferenceTrainer):
     """ORPO (Hong et al. 2024): chosen NLL + alpha * odds-ratio term; no reference."""
 
-    def pair_loss(self, pc, pr, rc, rr, policy):
-        lc, lr = split_pairs(policy.counts)
-        return losses.orpo_loss(pc, pr, lc, lr, self.config.loss.alpha)
+    def pair_loss(self, chosen, rejected, ref_chosen, ref_rejected):
+        return losses.orpo_loss(chosen.sums, rejected.sums, chosen.counts, rejected.counts, self.config.loss.alpha)
 
 
 class KTOTrainer(BasicTrainer):
     """KTO (Ethayarajh et al. 2024): z0 from mismatched (x_i, y_{i+1}) pairs over the whole step, all ranks."""
 
-    def loss_sequences(self, batch):
-        return batch["sequences"][: len(batch["desirable"])]
+    batch_kind = "unpaired"
+    default_dataloader = "UnpairedPreferenceDataLoader"
+    uses_reference = True
+    loss_parts = ("targets",)
 
     def step_context(self, microbatches):
         """z0 = max(0, mean KL-partner log-ratio) over every microbatch of the step on every rank."""
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        with torch.no_grad():
-            for batch in microbatches:
-                partners = batch["sequences"][len(batch["desirable"]):]
-                pieces = losses.kto_kl_sum_count(self.policy_logps(partners).sums, self.reference_logps(partners).sums)
-                total += torch.stack([p.double().to(self.device) for p in pieces])
+        for batch in microbatches:
+            policy = self.policy_logps(batch, ("kl_partners",), grad=False)["kl_partners"]
+            reference = self.reference_logps(batch, ("kl_partners",))["kl_partners"]
+            pieces = losses.kto_kl_sum_count(policy.sums, reference.sums)
+            total += torch.stack([p.double().to(self.device) for p in pieces])
         total = self.all_reduce_sum(total)
         return losses.kto_kl_from_sum_count(total[0], total[1])
 
     def loss(self, batch, policy, reference, context):
-        desirable = batch["desirable"].to(self.device)
+        desirable = batch.values["desirable"].to(self.device)
+        targets = policy["targets"]
         per_example, rewards = losses.kto_loss(
-            policy.sums, reference.sums, desirable, context.to(policy.sums.dtype).reshape(()), self.config.loss.beta,
-            self.config.loss.desirable_weight, self.config.loss.undesirable_weight)
+            targets.sums, reference["targets"].sums, desirable, context.to(targets.sums.dtype).reshape(()),
+            self.config.loss.beta, self.config.loss.desirable_weight, self.config.loss.undesirable_weight)
         metrics = {"loss": per_example.detach(), "kl": context.detach().reshape(1).float()}
         for name, sel in (("chosen", desirable), ("rejected", ~desirable)):
             if bool(self.all_reduce_sum(sel.sum().float()) > 0):
                 metrics[f"rewards/{name}"] = rewards[sel] if sel.any() else rewards.new_zeros(0)
-                metrics[f"logps/{name}"] = policy.sums.detach()[sel] if sel.any() else rewards.new_zeros(0)
+                metrics[f"logps/{name}"] = targets.sums.detach()[sel] if sel.any() else rewards.new_zeros(0)
         return per_example.mean(), metrics
 
 
 class GroupTrainer(BasicTrainer):
-    """Base for K-wise losses: policy/reference sums reshaped (B, K) with the loader's rewards (B, K)."""
+    """Base for K-wise losses: policy/reference sums reshaped (B, K) with the batch's rewards (B, K)."""
 
+    batch_kind = "groups"
+    default_dataloader = "RewardDataLoader"
+    uses_reference = True
     group_loss = None
 
     def loss(self, batch, policy, reference, context):
-        rewards = batch["rewards"].to(self.device)
+        rewards = batch.values["rewards"].to(self.device)
         b, k = rewards.shape
-        pol, ref = policy.sums.view(b, k), reference.sums.view(b, k)
+        pol, ref = policy["responses"].sums.view(b, k), reference["responses"].sums.view(b, k)
         per_example, model_rewards = type(self).group_loss(pol, ref, rewards.to(pol.dtype), self.config.loss.beta,
                                                            self.config.loss.alpha)
         best = rewards.argmax(-1, keepdim=True)
@@ -482,11 +507,13 @@ class InfoNCATrainer(GroupTrainer):
 class CUTTrainer(BasicTrainer):
     """CUT (Xu et al. 2023): MLE on judgment-conditioned rows + unlikelihood on tokens the judgment flags."""
 
+    batch_kind = "judged"
+    default_dataloader = "JudgmentDataLoader"
+
     def loss(self, batch, policy, reference, context):
-        judged, plain = policy.rows(slice(0, len(batch["weight_unlike"]))), policy.rows(
-            slice(len(batch["weight_unlike"]), None))
+        judged, plain = policy["judged"], policy["plain"]
         loss, nll, ul = losses.cut_loss_from_token_logps(judged.token_logps, judged.mask, plain.token_logps,
-                                                         plain.mask, batch["weight_unlike"].to(self.device),
+                                                         plain.mask, batch.values["weight_unlike"].to(self.device),
                                                          self.config.loss.threshold)
         metrics = {"loss": loss.detach().reshape(1), "nll": nll.detach().reshape(1)}
         if ul is not None:
@@ -495,26 +522,32 @@ class CUTTrainer(BasicTrainer):
 
 
 class PPOTrainer(BasicTrainer):
-    """HALOs' offline one-step PPO: the reference is the old policy, dataset scores are the rewards."""
+    """HALOs' offline one-step PPO: the reference is the old policy, dataset scores are the rewards, and a value
+    head on the last hidden state is the critic."""
 
-    @staticmethod
-    def make_value_head(policy) -> torch.nn.Module:
+    batch_kind = "unpaired"
+    default_dataloader = "UnpairedPreferenceDataLoader"
+    uses_reference = True
+    loss_parts = ("targets",)
+    reference_parts = ("targets",)
+    needs_hidden = True
+
+    @classmethod
+    def make_heads(cls, policy) -> dict[str, torch.nn.Module]:
         """A linear value head on the last hidden state (HALOs' critic), zero-initialised bias."""
         hidden = policy.config.hidden_size
         head = torch.nn.Linear(hidden, 1)
         torch.nn.init.normal_(head.weight, std=1 / (hidden + 1))
         torch.nn.init.zeros_(head.bias)
-        return head.to(next(policy.parameters()).device)
-
-    def loss_sequences(self, batch):
-        return batch["sequences"][: len(batch["scores"])]
+        return {"value_head": head.to(next(policy.parameters()).device)}
 
     def loss(self, batch, policy, reference, context):
-        values = self.value_head(policy.hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        targets, head = policy["targets"], self.heads["value_head"]
+        values = head(targets.hidden.to(head.weight.dtype)).squeeze(-1)
         c = self.config.loss
         loss, policy_loss, critic_loss, kl = losses.ppo_loss(
-            policy.token_logps, reference.token_logps.to(policy.token_logps.dtype), values, policy.mask,
-            batch["scores"].to(self.device, policy.token_logps.dtype), c.gamma, c.lam, c.cliprange, c.critic_coef,
-            c.kl_coef)
+            targets.token_logps, reference["targets"].token_logps.to(targets.token_logps.dtype), values, targets.mask,
+            batch.values["scores"].to(self.device, targets.token_logps.dtype), c.gamma, c.lam, c.cliprange,
+            c.critic_coef, c.kl_coef)
         return loss, {"loss": loss.detach().reshape(1), "loss/policy": policy_loss.detach().reshape(1),
                       "loss/critic": critic_loss.detach().reshape(1), "kl": kl.detach().reshape(1)}

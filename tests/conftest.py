@@ -1,7 +1,6 @@
-"""Shared test setup: offline hub, repository root importable, the shared real-data samples."""
+"""Shared test setup: offline hub, one thread per process, the shared real-data samples."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def shared_data_path() -> Path:
@@ -36,6 +34,6 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from models import load_tokenizer
+    from feedbackalign.models import load_tokenizer
 
     return load_tokenizer("tiny")

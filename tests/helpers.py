@@ -8,25 +8,22 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+
+from feedbackalign import builders
+from feedbackalign.configuration import compose
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(REPO / "config")
 SMALL = ["++dataset_options.wordsort.n_prompts=48", "n_eval_examples=8", "model.eval_batch_size=8",
          "model.batch_size=8", "do_first_eval=false", "export_hf=false", "warmup_steps=0"]
 
 
 def make_config(tmp_path, *overrides):
     """The real config (config/), with a small built-in task and a run dir under tmp_path."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose("config", overrides=[f"cache_dir={tmp_path}", *SMALL, *overrides])
+    return compose([f"cache_dir={tmp_path}", *SMALL, *overrides])
 
 
 def make_trainer(tmp_path, *overrides):
-    import train
-
-    cfg = make_config(tmp_path, *overrides)
-    return train.setup(cfg, 0, 1, torch.device("cpu"))
+    return builders.build_trainer(make_config(tmp_path, *overrides), 0, 1, torch.device("cpu"))
 
 
 def run_script(*args, cwd=REPO, timeout=600, env=None):

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-import checkpoints
-from feedback import DataError
+from feedbackalign import builders, checkpoints
+from feedbackalign.errors import CheckpointError
 from helpers import REPO, SMALL, make_config, make_trainer
 from trainers import TIMING_METRICS
 
@@ -37,20 +37,21 @@ def metrics(run_dir) -> list[dict]:
 
 
 def kill_during_save(cache_dir, step: int):
-    """Run train.py until it is inside the save of `step` (the documented pause hook), then SIGKILL it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           checkpoints.PAUSE_ENV: f"{step}:300"}
+    """Run train.py until it is inside the save of `step` (paused there by tests/train_pausing_in_save.py), then
+    SIGKILL it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     log = cache_dir / "stderr.txt"
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), f"cache_dir={cache_dir}", *SMALL, *RUN],
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "train_pausing_in_save.py"), str(step), "300",
+                             f"cache_dir={cache_dir}", *SMALL, *RUN],
                             cwd=cache_dir, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     partial = cache_dir / "run" / "checkpoints"
     deadline = time.monotonic() + 300
     try:
-        while not list(partial.glob(f".tmp-step-{step:06d}-*/policy.pt")):
+        while not list(partial.glob(f".tmp-step-{step:06d}-*/trainer_state.json")):
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "train.py never reached the save"
             time.sleep(0.2)
-        time.sleep(0.5)  # policy.pt may still be flushing; the pause follows it
+        time.sleep(1.0)  # the last file may still be flushing; the pause follows the fsync
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -83,10 +84,8 @@ def test_sigkill_mid_save_then_resume_matches_the_uninterrupted_run(tmp_path, de
     assert kept == ["step-000003", "step-000004"] and checkpoints.latest_dir(run_dir).name == "step-000004"
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))                     # the stale temporary is gone
 
-    import train
-
     cfg = make_config(tmp_path / "next", f"model.load_from={run_dir / 'LATEST'}")
-    loaded = train.build_policy(cfg, full.tokenizer, torch.device("cpu")).state_dict()
+    loaded = builders.build_policy(cfg, full.tokenizer, torch.device("cpu")).state_dict()
     assert all(torch.equal(loaded[k], b[k]) for k in b)
 
 
@@ -102,6 +101,6 @@ def test_a_same_step_resave_never_replaces_the_checkpoint_latest_points_to(tmp_p
 
 
 def test_resume_without_a_checkpoint_fails_before_loading_anything(tmp_path):
-    with pytest.raises(DataError, match="no checkpoint to resume"):
+    with pytest.raises(CheckpointError, match="no checkpoint to resume"):
         make_trainer(tmp_path, "loss=sft", "resume=true")
     assert not any(tmp_path.iterdir())

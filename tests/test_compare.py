@@ -9,7 +9,6 @@ the client timeout, an HTML body, broken JSON, a body without choices, a dropped
 
 import hashlib
 import json
-import math
 import os
 import re
 import signal
@@ -25,7 +24,8 @@ from pathlib import Path
 import pytest
 
 import compare
-from feedback import DataError
+from feedbackalign import stats
+from feedbackalign.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-test-SECRET-4f9a"
@@ -222,12 +222,12 @@ def test_wilson_interval_matches_hand_computed_values():
     # 8/10 by hand: z^2 = 3.841459, p = .8; centre = (.8 + .192073)/1.384146 = .716740,
     # half = (1.959964/1.384146) * sqrt(.016 + .009604) = 1.416010 * .160011 = .226578 -> [.490162, .943318]
     # (textbook: 8 of 10 at 95% gives 0.490 to 0.943)
-    low, high = compare.wilson_interval(8, 10)
+    low, high = stats.wilson_interval(8, 10)
     assert low == pytest.approx(0.490162, abs=3e-6) and high == pytest.approx(0.943318, abs=3e-6)
     z2 = 1.959964 ** 2  # k = 0 and k = n have closed forms: [0, z^2/(n+z^2)] and [n/(n+z^2), 1]
-    assert compare.wilson_interval(0, 10) == pytest.approx((0.0, z2 / (10 + z2)), abs=1e-6)
-    assert compare.wilson_interval(10, 10) == pytest.approx((10 / (10 + z2), 1.0), abs=1e-6)
-    assert compare.wilson_interval(0, 0) == (None, None)
+    assert stats.wilson_interval(0, 10) == pytest.approx((0.0, z2 / (10 + z2)), abs=1e-6)
+    assert stats.wilson_interval(10, 10) == pytest.approx((10 / (10 + z2), 1.0), abs=1e-6)
+    assert stats.wilson_interval(0, 0) == (None, None)
 
 
 # -------------------------------------------------------------------------------------------- judging, in process
@@ -255,7 +255,7 @@ def test_judging_asks_both_orders_and_counts_outcomes(tmp_path, judge_server, ca
     assert (summary["win"]["count"], summary["tie"]["count"], summary["loss"]["count"]) == (2, 2, 1)
     assert summary["parse_failures"] == 1 and summary["decided"] == 5 and summary["skipped_null"] == 1
     assert summary["win"]["rate"] == pytest.approx(2 / 5)
-    assert summary["win"]["ci95"] == pytest.approx(list(compare.wilson_interval(2, 5)))
+    assert summary["win"]["ci95"] == pytest.approx(list(stats.wilson_interval(2, 5)))
     assert summary["mean_words"]["candidate"] == pytest.approx(sum(len(r[1].split()) for r in NORMAL_ROWS) / 6)
     assert summary["mean_chars"]["baseline"] == pytest.approx(sum(len(r[2]) for r in NORMAL_ROWS) / 6)
     assert (summary["judge"], summary["prompt_version"]) == ("judge-1", compare.PROMPT_VERSION)

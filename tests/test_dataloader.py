@@ -1,7 +1,6 @@
 """DataLoaders: tokenisation invariants, the six layouts, sharding/resume, bad inputs, data_summary."""
 
 import copy
-import importlib.util
 import json
 import random
 import subprocess
@@ -12,9 +11,10 @@ import pytest
 import torch
 
 import dataloader as dl
-import data_summary
-from data_summary import summarize
-from feedback import DataError, Dataset, Example
+from feedbackalign import data_summary
+from feedbackalign.data_summary import summarize
+from feedbackalign.feedback import Dataset, Example
+from feedbackalign.errors import CheckpointError, ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 EOS, PAD = 0, 1
@@ -68,8 +68,8 @@ def test_prompt_format_uses_halos_prefixes(tiny_tokenizer):
     fmt = dl.PromptFormat("\n\nHuman: ", "", "\n\nAssistant: ", "", "")
     assert dl.format_prompt(turns[1:3], tiny_tokenizer, fmt) == "\n\nHuman: Hi\n\nAssistant: Hello!\n\nAssistant: "
     loader = make(dl.SFTDataLoader, [pair_ex(0), pair_ex(1)], tokenizer=tiny_tokenizer, shuffle=False,
-                  human_prefix="Q: ", human_suffix=" ", assistant_prefix="A:")
-    assert run(loader)[0]["prompts"] == ["Q: question 0? A:", "Q: question 1? A:"]
+                  prompt_format=dl.PromptFormat(human_prefix="Q: ", human_suffix=" ", assistant_prefix="A:"))
+    assert run(loader)[0].prompts == ["Q: question 0? A:", "Q: question 1? A:"]
 
 
 def test_chat_template_is_used_when_the_tokenizer_has_one(tiny_tokenizer):
@@ -78,8 +78,8 @@ def test_chat_template_is_used_when_the_tokenizer_has_one(tiny_tokenizer):
                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     loader = make(dl.SFTDataLoader, [pair_ex(0), pair_ex(1)], tokenizer=tok, shuffle=False)
     batch = run(loader)[0]
-    assert batch["prompts"][0] == "<|user|>question 0?<|assistant|>"
-    assert batch["sequences"][0].prompt_ids == tuple(tok("<|user|>question 0?<|assistant|>",
+    assert batch.prompts[0] == "<|user|>question 0?<|assistant|>"
+    assert batch.sequences()[0].prompt_ids == tuple(tok("<|user|>question 0?<|assistant|>",
                                                          add_special_tokens=False)["input_ids"])
     tok.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
     system = [Example(prompt=[{"role": "system", "content": "s"}, *user("q")], generations=["a"], sft_index=0,
@@ -88,32 +88,15 @@ def test_chat_template_is_used_when_the_tokenizer_has_one(tiny_tokenizer):
         make(dl.SFTDataLoader, system, tokenizer=tok, batch_size=1)
 
 
-def test_pad_batch_closed_form():
-    seqs = [dl.Sequence((1, 2), (3, 4, 5)), dl.Sequence((7,), (8,))]
-    out = dl.pad_batch(seqs, pad_token_id=99)
-    assert out["input_ids"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 99, 99, 99]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    assert out["labels"].tolist() == [[-100, -100, 3, 4, 5], [-100, 8, -100, -100, -100]]
-    assert all(t.dtype == torch.long for t in out.values())
-    with pytest.raises(DataError, match="no sequences"):
-        dl.pad_batch([], 1)
-
-
 def test_labels_cover_exactly_the_response_and_responses_end_with_eos(tiny_tokenizer):
     examples = [pair_ex(0), Example(prompt=user("a much longer question with many words in it"),
                                     generations=["short", "x"], pairs=[(0, 1)], source="long:0")]
     batch = run(make(dl.PairedPreferenceDataLoader, examples, tokenizer=tiny_tokenizer, shuffle=False))[0]
-    padded = dl.pad_batch(batch["sequences"], PAD)
-    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in batch["sequences"]]
-    assert padded["input_ids"].shape == (4, max(lengths))          # padded to this batch's longest only
-    for row, seq in enumerate(batch["sequences"]):
+    assert batch.kind == "pairs" and [len(batch.parts[p]) for p in ("chosen", "rejected")] == [2, 2]
+    for seq in batch.sequences():
         assert seq.response_ids[-1] == EOS
-        labels = padded["labels"][row]
-        positions = (labels != -100).nonzero().flatten().tolist()
-        assert positions == list(range(len(seq.prompt_ids), len(seq.prompt_ids) + len(seq.response_ids)))
-        assert tuple(labels[positions].tolist()) == seq.response_ids
-    assert batch["sequences"][0].response_ids == resp_ids(tiny_tokenizer, "chosen answer 0")
-    assert batch["sequences"][0].prompt_ids == prompt_ids(tiny_tokenizer, plain_prompt("question 0?"))
+    assert batch.sequences()[0].response_ids == resp_ids(tiny_tokenizer, "chosen answer 0")
+    assert batch.sequences()[0].prompt_ids == prompt_ids(tiny_tokenizer, plain_prompt("question 0?"))
 
 
 def test_truncate_rule_closed_form():
@@ -147,12 +130,12 @@ def test_truncation_in_a_loader_keeps_shared_prompt_ids(tiny_tokenizer):
     ex = Example(prompt=user(question), generations=[long_answer, "no"], pairs=[(0, 1)], source="long:0")
     batch = run(make(dl.PairedPreferenceDataLoader, [ex, pair_ex(1)], tokenizer=tiny_tokenizer, shuffle=False,
                      max_length=48, max_prompt_length=16))[0]
-    chosen, rejected = batch["sequences"][0], batch["sequences"][2]
+    chosen, rejected = batch.sequences()[0], batch.sequences()[2]
     full_prompt = prompt_ids(tiny_tokenizer, plain_prompt(question))
     assert chosen.prompt_ids == rejected.prompt_ids == full_prompt[-16:]
     assert chosen.response_ids == resp_ids(tiny_tokenizer, long_answer)[:48 - 16]
     assert rejected.response_ids == resp_ids(tiny_tokenizer, "no")
-    assert all(len(s.prompt_ids) + len(s.response_ids) <= 48 for s in batch["sequences"])
+    assert all(len(s.prompt_ids) + len(s.response_ids) <= 48 for s in batch.sequences())
 
 
 # ---------------------------------------------------------------- layouts
@@ -170,9 +153,9 @@ def test_sft_targets_and_skips(tiny_tokenizer):
     with pytest.warns(UserWarning, match="skipped 1"):
         loader = make(dl.SFTDataLoader, examples, tokenizer=tiny_tokenizer, batch_size=5, shuffle=False)
     batch = run(loader)[0]
-    assert len(batch["sequences"]) == 5 and batch["examples"] == ["s:0", "s:1", "s:2", "s:3", "s:4"]
+    assert len(batch.sequences()) == 5 and batch.sources == ["s:0", "s:1", "s:2", "s:3", "s:4"]
     expected = ["sft", "best", "won", "good", "fine"]
-    assert [s.response_ids for s in batch["sequences"]] == [resp_ids(tiny_tokenizer, t) for t in expected]
+    assert [s.response_ids for s in batch.sequences()] == [resp_ids(tiny_tokenizer, t) for t in expected]
     with pytest.raises(DataError, match="SFTDataLoader needs an SFT target.*dataset 'judged_only'"):
         make(dl.SFTDataLoader, examples[-1:], name="judged_only", tokenizer=tiny_tokenizer, batch_size=1)
 
@@ -183,13 +166,13 @@ def test_conditional_sft_control_tokens(tiny_tokenizer):
     loader = make(dl.ConditionalSFTDataLoader, [pair_ex(k) for k in range(3)], tokenizer=tiny_tokenizer,
                   batch_size=6)
     assert loader.good_token == dl.GOOD_TOKEN
-    seqs = [s for b in run(loader) for s in b["sequences"]]
+    seqs = [s for b in run(loader) for s in b.sequences()]
     assert len(seqs) == 6                                                  # every labelled generation once
     for k in range(3):
         plain = prompt_ids(tiny_tokenizer, plain_prompt(f"question {k}?"))
         assert dl.Sequence(plain + (good,), resp_ids(tiny_tokenizer, f"chosen answer {k}")) in seqs
         assert dl.Sequence(plain + (bad,), resp_ids(tiny_tokenizer, f"rejected answer {k}")) in seqs
-    with pytest.raises(DataError, match="'<\\|nice\\|>' is not a token"):
+    with pytest.raises(ConfigError, match="'<\\|nice\\|>' is not a token"):
         make(dl.ConditionalSFTDataLoader, [pair_ex(0)], tokenizer=tiny_tokenizer, chosen_control_token="<|nice|>")
 
 
@@ -197,12 +180,12 @@ def test_paired_layout_scores_and_pair_modes(tiny_tokenizer):
     loader = make(dl.PairedPreferenceDataLoader, [pair_ex(k) for k in range(6)], tokenizer=tiny_tokenizer,
                   batch_size=6, gradient_accumulation_steps=2)
     for batch in run(loader):
-        b = len(batch["examples"])
-        assert b == 3 and len(batch["sequences"]) == 6 and "chosen_scores" not in batch
-        for i, source in enumerate(batch["examples"]):
+        b = len(batch.sources)
+        assert b == 3 and len(batch.sequences()) == 6 and "chosen_scores" not in batch.values
+        for i, source in enumerate(batch.sources):
             k = source.split(":")[1]
-            assert batch["sequences"][i].response_ids == resp_ids(tiny_tokenizer, f"chosen answer {k}")
-            assert batch["sequences"][b + i].response_ids == resp_ids(tiny_tokenizer, f"rejected answer {k}")
+            assert batch.sequences()[i].response_ids == resp_ids(tiny_tokenizer, f"chosen answer {k}")
+            assert batch.sequences()[b + i].response_ids == resp_ids(tiny_tokenizer, f"rejected answer {k}")
     ex = scored_ex(0, [3.0, 2.0, 0.0])
     all_pairs = make(dl.PairedPreferenceDataLoader, [ex], tokenizer=tiny_tokenizer, batch_size=1, pair_mode="all")
     assert len(all_pairs.items) == 3                                       # 3 > 2 > 0: three ordered pairs
@@ -210,7 +193,8 @@ def test_paired_layout_scores_and_pair_modes(tiny_tokenizer):
                   pair_margin=1.5)
     assert sorted(it.gens for it in margin.items) == [(0, 2), (1, 2)]
     best_worst = run(make(dl.PairedPreferenceDataLoader, [ex], tokenizer=tiny_tokenizer, batch_size=1))
-    assert best_worst[0]["chosen_scores"].tolist() == [3.0] and best_worst[0]["rejected_scores"].tolist() == [0.0]
+    scores = best_worst[0].values
+    assert scores["chosen_scores"].tolist() == [3.0] and scores["rejected_scores"].tolist() == [0.0]
 
 
 def test_unpaired_kl_partners_labels_and_scores(tiny_tokenizer):
@@ -220,20 +204,20 @@ def test_unpaired_kl_partners_labels_and_scores(tiny_tokenizer):
     assert len(loader.items) == 8 and len(batches) == 2
     n_desirable = 0
     for batch in batches:
-        seqs, b = batch["sequences"], 4
-        assert len(seqs) == 8 and batch["desirable"].dtype == torch.bool and batch["scores"].shape == (4,)
+        seqs, b = batch.sequences(), 4
+        assert len(seqs) == 8 and batch.values["desirable"].dtype == torch.bool and batch.values["scores"].shape == (4,)
         for i in range(b):
             assert seqs[b + i].prompt_ids == seqs[i].prompt_ids
             assert seqs[b + i].response_ids == seqs[(i + 1) % b].response_ids     # mismatched KL partner
             is_chosen = seqs[i].response_ids in {resp_ids(tiny_tokenizer, f"chosen answer {k}") for k in range(4)}
-            assert bool(batch["desirable"][i]) == is_chosen
-            assert batch["scores"][i].item() == (1.0 if is_chosen else -1.0)
-        n_desirable += int(batch["desirable"].sum())
+            assert bool(batch.values["desirable"][i]) == is_chosen
+            assert batch.values["scores"][i].item() == (1.0 if is_chosen else -1.0)
+        n_desirable += int(batch.values["desirable"].sum())
     assert n_desirable == 4                                                # pairs split: chosen +, rejected -
     scored = run(make(dl.UnpairedPreferenceDataLoader, [scored_ex(0, [5.0, -2.0]), scored_ex(1, [0.5, 0.25])],
                       tokenizer=tiny_tokenizer, batch_size=4, shuffle=False))[0]
-    assert scored["scores"].tolist() == [5.0, -2.0, 0.5, 0.25]
-    assert scored["desirable"].tolist() == [True, False, True, False]
+    assert scored.values["scores"].tolist() == [5.0, -2.0, 0.5, 0.25]
+    assert scored.values["desirable"].tolist() == [True, False, True, False]
 
 
 def test_reward_groups_bucketed_by_k(tiny_tokenizer):
@@ -245,20 +229,20 @@ def test_reward_groups_bucketed_by_k(tiny_tokenizer):
     assert len(loader) == loader.steps_per_epoch == 2 + 3                  # 5 K=3 groups: one left over
     ks = []
     for batch in batches:
-        k = batch["rewards"].shape[1]
+        k = batch.values["rewards"].shape[1]
         ks.append(k)
-        assert batch["rewards"].shape == (2, k) and len(batch["sequences"]) == 2 * k
-        for g, source in enumerate(batch["examples"]):
+        assert batch.values["rewards"].shape == (2, k) and len(batch.sequences()) == 2 * k
+        for g, source in enumerate(batch.sources):
             n = source.split(":")[1]
             expected = [resp_ids(tiny_tokenizer, f"reply {n}.{i}") for i in range(k)]
-            assert [s.response_ids for s in batch["sequences"][g * k:(g + 1) * k]] == expected     # row-major
-            assert batch["rewards"][g].tolist() == ([1.0, 3.0, 2.0] if k == 3 else [4.0, 1.0, 3.0, 2.0])
+            assert [s.response_ids for s in batch.sequences()[g * k:(g + 1) * k]] == expected     # row-major
+            assert batch.values["rewards"][g].tolist() == ([1.0, 3.0, 2.0] if k == 3 else [4.0, 1.0, 3.0, 2.0])
     assert sorted(ks) == [3, 3, 4, 4, 4]
     top3 = make(dl.RewardDataLoader, k4, tokenizer=tiny_tokenizer, batch_size=2, n_responses=3)
     assert {it.gens for it in top3.items} == {(0, 1, 2)}                   # two best (4, 3) and the worst (1)
     pairs = run(make(dl.RewardDataLoader, [pair_ex(0), pair_ex(1)], tokenizer=tiny_tokenizer, batch_size=2))[0]
-    assert pairs["rewards"].tolist() == [[1.0, 0.0], [1.0, 0.0]]
-    assert pairs["sequences"][0].response_ids in {resp_ids(tiny_tokenizer, f"chosen answer {k}") for k in (0, 1)}
+    assert pairs.values["rewards"].tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    assert pairs.sequences()[0].response_ids in {resp_ids(tiny_tokenizer, f"chosen answer {k}") for k in (0, 1)}
 
 
 def judged_examples():
@@ -276,14 +260,14 @@ def test_judgment_rows_weights_and_chat_format(tiny_tokenizer):
         loader = make(dl.JudgmentDataLoader, judged_examples() + [unlabelled_negative], tokenizer=tiny_tokenizer,
                       batch_size=4, shuffle=False, weight_unlike=0.5)
     batch = run(loader)[0]
-    seqs = batch["sequences"]
-    assert len(seqs) == 8 and batch["weight_unlike"].tolist() == [0.5, -1.0, 0.5, -1.0]
+    seqs = batch.sequences()
+    assert len(seqs) == 8 and batch.values["weight_unlike"].tolist() == [0.5, -1.0, 0.5, -1.0]
     judged_prompt = "<|user|>\nq0\n\nJudgment of the response to write: It is wrong.\n<|assistant|>\n"
     assert seqs[0].prompt_ids == prompt_ids(tiny_tokenizer, judged_prompt)
     assert seqs[4].prompt_ids == prompt_ids(tiny_tokenizer, plain_prompt("q0"))
     assert seqs[0].response_ids == seqs[4].response_ids == resp_ids(tiny_tokenizer, "wrong answer")
     assert seqs[1] == seqs[5] and seqs[1].prompt_ids == prompt_ids(tiny_tokenizer, plain_prompt("q1"))
-    assert batch["prompts"][0] == plain_prompt("q0")
+    assert batch.prompts[0] == plain_prompt("q0")
 
 
 def test_judgment_alpaca_templates_and_identical_truncated_responses(tiny_tokenizer):
@@ -298,11 +282,11 @@ def test_judgment_alpaca_templates_and_identical_truncated_responses(tiny_tokeni
     examples[0].generations[0] = long
     batch = run(make(dl.JudgmentDataLoader, examples, tokenizer=tiny_tokenizer, batch_size=4, shuffle=False,
                      prompt_template="alpaca", max_length=96, max_prompt_length=64))[0]
-    first, second = batch["sequences"][0], batch["sequences"][4]
+    first, second = batch.sequences()[0], batch.sequences()[4]
     assert first.prompt_ids == prompt_ids(tiny_tokenizer, judge)[-64:]
     assert second.prompt_ids == prompt_ids(tiny_tokenizer, plain)
     assert first.response_ids == second.response_ids == resp_ids(tiny_tokenizer, long)[:96 - 64]
-    assert all(len(s.prompt_ids) + len(s.response_ids) <= 96 for s in batch["sequences"])
+    assert all(len(s.prompt_ids) + len(s.response_ids) <= 96 for s in batch.sequences())
     multi = [Example(prompt=user("a") + [{"role": "assistant", "content": "b"}, *user("c")], generations=["d"],
                      judgments=["no"], source="multi:7")]
     with pytest.raises(DataError, match="multi:7: prompt_template=alpaca needs a single user turn"):
@@ -334,7 +318,9 @@ def test_judgment_downsample_keeps_positives_in_proportion_to_negatives(tiny_tok
 
 
 def comparable(batch):
-    return {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in batch.items() if k not in ("step", "micro")}
+    """Everything a batch carries but its place in the accumulation (step, micro)."""
+    return (batch.kind, batch.parts, {k: v.tolist() for k, v in batch.values.items()}, batch.prompts, batch.sources,
+            batch.epoch)
 
 
 def test_two_ranks_equal_two_accumulation_steps(tiny_tokenizer):
@@ -346,7 +332,7 @@ def test_two_ranks_equal_two_accumulation_steps(tiny_tokenizer):
     for step in range(4):
         for micro in (0, 1):
             a, r = accum[2 * step + micro], ranks[micro][step]
-            assert (a["step"], a["micro"], r["step"], r["micro"]) == (step, micro, step, 0)
+            assert (a.step, a.micro, r.step, r.micro) == (step, micro, step, 0)
             assert comparable(a) == comparable(r)                          # same items, same KL partners
     # 2 ranks x 2 accumulation: chunk c of a global batch is rank c % 2's (c // 2)-th microbatch.
     common["batch_size"] = 16
@@ -364,7 +350,7 @@ def test_ranks_partition_an_epoch_and_seed_fixes_the_order(tiny_tokenizer):
     def sources(seed, rank=0, world=1, **kw):
         loader = make(dl.PairedPreferenceDataLoader, data, tokenizer=tiny_tokenizer, batch_size=8, seed=seed,
                       rank=rank, world_size=world, gradient_accumulation_steps=2 if world == 2 else 4, **kw)
-        return [s for b in run(loader) for s in b["examples"]]
+        return [s for b in run(loader) for s in b.sources]
 
     per_rank = [sources(0, rank=r, world=2) for r in (0, 1)]
     union = per_rank[0] + per_rank[1]
@@ -382,7 +368,7 @@ def test_n_examples_bounds_the_run_and_wins_over_n_epochs(tiny_tokenizer):
                   gradient_accumulation_steps=2, n_examples=10, n_epochs=5)
     batches = run(loader)
     assert len(loader) == 3 and len(batches) == 6                          # ceil(10 / 4) steps, 2 micro each
-    assert [b["epoch"] for b in batches] == [0, 0, 0, 0, 1, 1]
+    assert [b.epoch for b in batches] == [0, 0, 0, 0, 1, 1]
 
 
 def test_state_dict_round_trip_resumes_exactly(tiny_tokenizer):
@@ -399,10 +385,10 @@ def test_state_dict_round_trip_resumes_exactly(tiny_tokenizer):
     resumed.load_state_dict(state)
     rest = run(resumed)
     assert [comparable(b) for b in rest] == [comparable(b) for b in full[6:]]
-    assert [b["step"] for b in rest] == [b["step"] for b in full[6:]]
+    assert [b.step for b in rest] == [b.step for b in full[6:]]
     assert len(run(make(dl.UnpairedPreferenceDataLoader, data, **common))) == len(full)   # fresh: from 0
     other = make(dl.UnpairedPreferenceDataLoader, data, **{**common, "seed": 8})
-    with pytest.raises(DataError, match="seed=7 but this run has 8"):
+    with pytest.raises(CheckpointError, match="seed=7 but this run has 8"):
         other.load_state_dict(state)
 
 
@@ -411,18 +397,18 @@ def test_state_dict_round_trip_resumes_exactly(tiny_tokenizer):
 
 def test_bad_settings_raise_clear_errors(tiny_tokenizer):
     data = [pair_ex(k) for k in range(4)]
-    with pytest.raises(DataError, match="batch_size 6 must be a positive multiple of .* 2 x 2 = 4"):
+    with pytest.raises(ConfigError, match="batch_size 6 must be a positive multiple of .* 2 x 2 = 4"):
         make(dl.SFTDataLoader, data, tokenizer=tiny_tokenizer, batch_size=6, world_size=2,
              gradient_accumulation_steps=2)
-    with pytest.raises(DataError, match="unknown option\\(s\\) 'beta'; valid options: pair_margin, pair_mode"):
+    with pytest.raises(ConfigError, match="unknown option\\(s\\) 'beta'; valid options: pair_margin, pair_mode"):
         make(dl.PairedPreferenceDataLoader, data, tokenizer=tiny_tokenizer, beta=0.1)
-    with pytest.raises(DataError, match="max_prompt_length < max_length"):
+    with pytest.raises(ConfigError, match="max_prompt_length < max_length"):
         make(dl.SFTDataLoader, data, tokenizer=tiny_tokenizer, max_length=64, max_prompt_length=64)
     with pytest.raises(DataError, match="4 items is fewer than one global batch"):
         make(dl.SFTDataLoader, data, tokenizer=tiny_tokenizer, batch_size=8)
     with pytest.warns(UserWarning, match="microbatches of 1 item pair each prompt with its own response"):
         make(dl.UnpairedPreferenceDataLoader, data, tokenizer=tiny_tokenizer, batch_size=2, world_size=2)
-    with pytest.raises(DataError, match="pair_mode 'random' is unknown"):
+    with pytest.raises(ConfigError, match="pair_mode 'random' is unknown"):
         make(dl.PairedPreferenceDataLoader, data, tokenizer=tiny_tokenizer, pair_mode="random")
 
 
@@ -470,11 +456,9 @@ def test_summarize_counts_closed_form(tiny_tokenizer):
 
 
 def test_data_summary_cli_on_real_files(shared_data, capsys):
-    if importlib.util.find_spec("getters") is None:
-        pytest.skip("getters.py is not in this tree yet")
     args = ["--datasets", "oasst", "--data_dir", str(shared_data), "--split", "test", "--max_length", "256",
             "--max_prompt_length", "128", "--json"]
-    done = subprocess.run([sys.executable, str(REPO / "data_summary.py"), *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "feedbackalign.data_summary", *args], capture_output=True, text=True,
                           cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr
     s = json.loads(done.stdout.strip().splitlines()[-1])

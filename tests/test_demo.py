@@ -1,4 +1,5 @@
-"""demo.py end to end (reduced), through the real entry points; report.py's statistics in closed form."""
+"""The demo (showcase/demo.py) end to end, reduced, through the real entry points; the report's statistics in
+closed form."""
 
 import json
 import math
@@ -8,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import report
-import task
+from feedbackalign import stats, task
+from showcase import report
 from helpers import run_script
 
 QUICK_MODELS = ["sft", "dpo", "nca", "kto", "cut"]
@@ -20,18 +21,18 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_mean_ci_is_the_normal_interval():
-    mean, low, high = report.mean_ci([1.0, 2.0, 3.0, 4.0])
-    half = report.Z95 * math.sqrt(5 / 3) / 2   # sample variance of 1..4 is 5/3, n = 4
+    mean, low, high = stats.mean_ci([1.0, 2.0, 3.0, 4.0])
+    half = stats.Z95 * math.sqrt(5 / 3) / 2   # sample variance of 1..4 is 5/3, n = 4
     assert mean == 2.5
     assert low == pytest.approx(2.5 - half) and high == pytest.approx(2.5 + half)
-    assert report.mean_ci([7.0]) == (7.0, 7.0, 7.0)
+    assert stats.mean_ci([7.0]) == (7.0, 7.0, 7.0)
 
 
 def test_wilson_interval_known_value():
     # 8 of 10: centre (0.8 + z²/20) / (1 + z²/10) = 0.7167, half-width 0.2266 -> [0.4902, 0.9433].
-    low, high = report.wilson(8, 10)
+    low, high = stats.wilson_interval(8, 10)
     assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
-    low, high = report.wilson(0, 20)
+    low, high = stats.wilson_interval(0, 20)
     assert low == 0.0 and 0 < high < 0.2
 
 
@@ -98,7 +99,7 @@ class OracleJudge:
 
 def test_unknown_run_fails_before_anything_is_written(tmp_path):
     out = tmp_path / "demo"
-    result = run_script("demo.py", "--quick", "--runs", "dpo,nosuch", "--out", str(out), timeout=120)
+    result = run_script("-m", "showcase.demo", "--quick", "--runs", "dpo,nosuch", "--out", str(out), timeout=120)
     assert result.returncode == 2
     assert "unknown run nosuch" in result.stderr and "choose from" in result.stderr
     assert not out.exists()
@@ -106,7 +107,7 @@ def test_unknown_run_fails_before_anything_is_written(tmp_path):
 
 def test_failing_stage_stops_the_demo_with_its_message(tmp_path):
     out = tmp_path / "demo"
-    result = run_script("demo.py", "--quick", "--runs", "dpo", "--set", "sft:no_such_key=1", "--out", str(out),
+    result = run_script("-m", "showcase.demo", "--quick", "--runs", "dpo", "--set", "sft:no_such_key=1", "--out", str(out),
                         timeout=300)
     assert result.returncode == 2
     assert "stage 'train sft' failed" in result.stderr and "no_such_key" in result.stderr
@@ -123,21 +124,18 @@ def nca_group_size(run_dir) -> int:
     """K of the NCA run's first training microbatch, rebuilt from the run's saved config."""
     from omegaconf import OmegaConf
 
-    import models
-    import train
+    from feedbackalign import builders
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    tokenizer = models.load_tokenizer(cfg.model.tokenizer_name_or_path)
-    loader = train.make_loader(cfg, tokenizer, train.load_datasets(cfg, "train"), split="train", rank=0,
-                               world_size=1, train=True)
-    return next(iter(loader))["rewards"].shape[1]
+    loader = builders.build_loader(cfg, builders.build_tokenizer(cfg), split="train", train=True)
+    return next(iter(loader)).values["rewards"].shape[1]
 
 
 def test_quick_demo_end_to_end_and_resume(tmp_path):
     out = tmp_path / "demo"
     judge = OracleJudge()
     try:
-        result = run_script("demo.py", "--quick", "--out", str(out), "--judge-url", judge.url, timeout=600,
+        result = run_script("-m", "showcase.demo", "--quick", "--out", str(out), "--judge-url", judge.url, timeout=600,
                             env={"OPENAI_API_KEY": "local"})
     finally:
         judge.close()
@@ -169,7 +167,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     assert any("eval/logps/chosen" in r for r in dpo) and dpo[0]["step"] == 0
     assert nca_group_size(out / "runs" / "nca") >= 4
 
-    again = run_script("demo.py", "--quick", "--out", str(out), timeout=300, env={"OPENAI_BASE_URL": ""})
+    again = run_script("-m", "showcase.demo", "--quick", "--out", str(out), timeout=300, env={"OPENAI_BASE_URL": ""})
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("skip ") == 2 * len(QUICK_MODELS) and "] start " not in again.stdout
     assert "no LLM judge configured" in again.stdout

@@ -3,7 +3,7 @@ per-step losses and final weights as 1 process x 2 steps (the loaders hand both 
 
 Two launches cover everything: `torchrun train.py` (DPO, the user's entry, with the reference cache built by 2
 processes and then served to a 1-process run), and one torchrun of this file as a driver that trains, one after
-another in one process group (a launch costs 6-9 s; see ../shared/notes/environment.md): KTO (KL estimate across
+another in one process group (a launch costs 6-9 s here): KTO (KL estimate across
 ranks), NCA (K=4, use_fsdp=false), PPO (a value head outside FSDP), LoRA-DPO (merged export of a sharded model)
 and DPO with activation checkpointing resumed for one more step (sharded resume).
 """
@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers import REPO, make_config, make_trainer, run_script  # noqa: E402
+from helpers import REPO, make_config, make_trainer, run_script
 from trainers import TIMING_METRICS
 
 COMMON = ["n_examples=16", "eval_every=16", "do_first_eval=false", "model.batch_size=8", "n_eval_examples=8",
@@ -41,7 +40,7 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 def torchrun(*args, timeout=300):
     """`python -m torch.distributed.run` with 2 processes on 127.0.0.1 and a free port."""
-    import distributed
+    from feedbackalign import distributed
 
     return run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                       "--master_port", str(distributed.free_port()), *args, timeout=timeout, env=ENV)
@@ -67,7 +66,7 @@ def assert_same_run(one: Path, two: Path) -> float:
                 assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key)
             else:
                 assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (ra["step"], key)
-    from checkpoints import load_policy_weights
+    from feedbackalign.checkpoints import load_policy_weights
 
     wa, wb = load_policy_weights(one / "LATEST"), load_policy_weights(two / "LATEST")
     assert sorted(wa) == sorted(wb)
@@ -116,7 +115,7 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, d
     averaged by hand (it is not sharded); LoRA trains adapters on a sharded base."""
     trainer = one_process(tmp_path, *DRIVEN[name])
     if name == "nca":
-        assert next(iter(trainer.train_loader))["rewards"].shape[1] == 4
+        assert next(iter(trainer.train_loader)).values["rewards"].shape[1] == 4
     run = f"{trainer.config.loss.name}_tiny"
     worst = assert_same_run(tmp_path / run, driven_runs / name / run)
     if name == "lora":                                     # exported from a sharded peft model, merged
@@ -131,7 +130,7 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, d
 
 def drive(root: Path, names: list[str]) -> None:
     """Driver (run by torchrun): train each named config in this process group, run dirs root/<name>/."""
-    import distributed
+    from feedbackalign import distributed
     import train
 
     rank, local_rank, world_size = distributed.world_from_env()
@@ -139,7 +138,8 @@ def drive(root: Path, names: list[str]) -> None:
     try:
         for name in names:
             if name in FIRST_LEG:
-                train.run(make_config(root / name, *COMMON, *DRIVEN[name], *FIRST_LEG[name]), rank, world_size, device)
+                train.run(make_config(root / name, *COMMON, *DRIVEN[name], *FIRST_LEG[name]), rank, world_size,
+                          device)
                 train.run(make_config(root / name, *COMMON, *DRIVEN[name], "resume=true"), rank, world_size, device)
             else:
                 train.run(make_config(root / name, *COMMON, *DRIVEN[name]), rank, world_size, device)

@@ -17,9 +17,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import compare
 import eval as eval_script
-import models
+from feedbackalign import models
 from helpers import REPO, make_config, run_script
-from task import get_wordsort
+from feedbackalign.task import get_wordsort
 from test_compare import KEY, FakeJudge
 
 TINY = ["model.batch_size=8", "n_eval_examples=8", "model.eval_batch_size=8", "++dataset_options.wordsort.n_prompts=64",

@@ -5,16 +5,16 @@ import gzip
 import json
 import math
 import re
-import sys
-import types
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-import getters
-from feedback import DataError, in_test_split
+from feedbackalign import getters
+from feedbackalign.feedback import Dataset, in_test_split
+from feedbackalign.records import SkippedRecordsWarning
+from feedbackalign.errors import DataError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -41,7 +41,7 @@ def load(name, split="train", data_dir=FIXTURES, **options):
         ds = getters.get_dataset(name, split, str(data_dir) if data_dir else None, **options)
     skipped = {}
     for w in caught:
-        if issubclass(w.category, getters.SkippedRecordsWarning):
+        if issubclass(w.category, SkippedRecordsWarning):
             skipped[str(w.message)] = int(re.search(r"skipped (\d+) ", str(w.message)).group(1))
     return ds, skipped
 
@@ -227,7 +227,7 @@ def test_oasst_rows_loaded_by_datasets_parse_like_local_files(tmp_path):
 
 def test_ultrafeedback_overall_scores():
     train, test = both_splits("ultrafeedback")
-    examples = by_prompt(getters.Dataset("u", train.examples + test.examples))
+    examples = by_prompt(Dataset("u", train.examples + test.examples))
     haiku = examples["Write a haiku about autumn."]
     assert haiku.generations[1] == "Autumn is a season." and len(haiku.generations) == 4
     assert haiku.scores == [7.5, 4.0, 9.0, 2.0] and haiku.sft_index == 2 and haiku.pairs == []
@@ -468,15 +468,11 @@ def test_hub_path_offline_is_one_clear_error():
 # ---------------------------------------------------------------- registry
 
 
-def test_registry_covers_every_folder_and_includes_the_task_lazily(monkeypatch):
+def test_registry_covers_every_folder_and_the_built_in_task():
     assert set(getters.DATA_FOLDERS) <= set(getters.GETTERS)
-    fake = types.ModuleType("task")
-    fake.get_wordsort = lambda split, data_dir=None, **options: getters.Dataset("wordsort", [])
-    monkeypatch.setitem(sys.modules, "task", fake)
-    assert getters.available_getters()["wordsort"] is fake.get_wordsort
-    assert getters.get_dataset("wordsort", "train").name == "wordsort"
-    monkeypatch.setitem(sys.modules, "task", types.ModuleType("task"))
-    assert "wordsort" not in getters.available_getters()
+    assert getters.get_dataset("wordsort", "train", n_prompts=4).name == "wordsort"
+    with pytest.raises(DataError, match="unknown dataset 'nope'.*wordsort"):
+        getters.get_dataset("nope", "train")
 
 
 # ---------------------------------------------------------------- split determinism

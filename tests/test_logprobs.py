@@ -9,12 +9,12 @@ from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaF
                           MistralForCausalLM)
 
 import dataloader as dl
-import logprobs
-import models
-import throughput
-from dataloader import Sequence
-from feedback import DataError
-from task import get_wordsort
+from feedbackalign import logprobs
+from feedbackalign import models
+from feedbackalign import throughput
+from feedbackalign.batches import Sequence
+from feedbackalign.errors import ConfigError
+from feedbackalign.task import get_wordsort
 
 PAD = 1
 ATOL = 1e-5  # per-token log-prob tolerance between layouts (fp32)
@@ -42,12 +42,12 @@ def wordsort():
 def first_batch(cls, datasets, tokenizer, batch_size=4, **options):
     loader = cls(datasets, tokenizer, batch_size=batch_size, max_length=256, max_prompt_length=128, seed=0,
                  **options)
-    return next(iter(loader))["sequences"]
+    return next(iter(loader)).sequences()
 
 
 def both(model, sequences, with_hidden=False):
     return (logprobs.padded_logps(model, sequences, PAD, with_hidden),
-            logprobs.packed_logps(model, sequences, PAD, with_hidden))
+            logprobs.packed_logps(model, sequences, with_hidden))
 
 
 def assert_same(padded, packed):
@@ -115,7 +115,7 @@ def test_prompts_are_shared_where_the_layout_repeats_them(wordsort, tiny_tokeniz
 def test_real_hh_pairs_and_their_hidden_states(model, shared_data, tiny_tokenizer):
     """Real HH dialogues (long prompts truncated from the left) in both layouts, with the hidden states PPO's
     value head reads."""
-    from getters import get_hh
+    from feedbackalign.getters import get_hh
 
     hh = get_hh("test", data_dir=shared_data, subsets=["helpful-base"])
     sequences = first_batch(dl.PairedPreferenceDataLoader, [hh], tiny_tokenizer, batch_size=4)
@@ -129,9 +129,9 @@ def test_real_hh_pairs_and_their_hidden_states(model, shared_data, tiny_tokenize
 def test_gradients_equal_between_layouts(wordsort, tiny_tokenizer):
     sequences = first_batch(dl.RewardDataLoader, [wordsort], tiny_tokenizer, n_responses=4)
     grads = []
-    for fn in (logprobs.padded_logps, logprobs.packed_logps):
+    for layout in ("padded", "packed"):
         net = small_llama()
-        out = fn(net, sequences, PAD)
+        out = logprobs.sequence_logps(net, sequences, PAD, layout)
         (out.sums * torch.linspace(-1, 1, len(sequences))).sum().backward()
         grads.append({n: p.grad for n, p in net.named_parameters()})
     for name, g in grads[0].items():
@@ -147,7 +147,7 @@ def test_activation_checkpointing_recomputes_through_the_shared_attention(wordso
         if checkpointing:
             net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         net.train()
-        logprobs.packed_logps(net, sequences, PAD).sums.sum().backward()
+        logprobs.packed_logps(net, sequences).sums.sum().backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
@@ -170,8 +170,8 @@ def test_sliding_window_models_are_exact_inside_the_window_and_refused_beyond_it
     sequences = [Sequence((5, 6, 7), (8, 9, 0)), Sequence((5, 6, 7), (10, 0))]
     with torch.no_grad():
         assert_same(*both(mistral(64), sequences))
-        with pytest.raises(DataError, match="forward_layout=padded"):
-            logprobs.packed_logps(mistral(4), sequences, PAD)
+        with pytest.raises(ConfigError, match="forward_layout=padded"):
+            logprobs.packed_logps(mistral(4), sequences)
 
 
 # ---------------------------------------------------------------- the layout itself
@@ -219,7 +219,7 @@ def test_routing_leaves_padded_forwards_and_generation_unchanged():
     with torch.no_grad():
         before = logprobs.padded_logps(net, sequences, PAD).token_logps
         generated = net.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=PAD)
-        logprobs.packed_logps(net, sequences, PAD)
+        logprobs.packed_logps(net, sequences)
         assert net.config._attn_implementation == "prefix_shared|sdpa"
         assert torch.equal(logprobs.padded_logps(net, sequences, PAD).token_logps, before)
         assert torch.equal(net.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=PAD), generated)
@@ -233,7 +233,7 @@ def test_eager_models_route_back_to_their_own_eager_attention():
     sequences = [Sequence((5, 6, 7), (8, 9, 0)), Sequence((5, 6, 7), (10, 0)), Sequence((3, 4), (11, 12, 0))]
     with torch.no_grad():
         before = logprobs.padded_logps(net, sequences, PAD)
-        packed = logprobs.packed_logps(net, sequences, PAD)
+        packed = logprobs.packed_logps(net, sequences)
         after = logprobs.padded_logps(net, sequences, PAD)
     assert net.config._attn_implementation == "prefix_shared|eager"
     assert_same(before, packed)
@@ -242,8 +242,8 @@ def test_eager_models_route_back_to_their_own_eager_attention():
 
 def test_empty_prompts_and_unknown_layouts_are_refused(model):
     with pytest.raises(ValueError, match="empty prompt"):
-        logprobs.packed_logps(model, [Sequence((), (4, 0))], PAD)
-    with pytest.raises(DataError, match="forward_layout=ragged is unknown"):
+        logprobs.packed_logps(model, [Sequence((), (4, 0))])
+    with pytest.raises(ConfigError, match="forward_layout=ragged is unknown"):
         logprobs.sequence_logps(model, [Sequence((3,), (4,))], PAD, layout="ragged")
 
 
@@ -293,5 +293,5 @@ def test_peak_flops_user_setting_measured_cpu_and_bad_values():
     assert throughput.peak_flops(2e12, torch.device("cpu")) == 2e12
     measured = throughput.peak_flops(None, torch.device("cpu"))
     assert math.isfinite(measured) and measured > 1e8
-    with pytest.raises(DataError, match="peak_flops"):
+    with pytest.raises(ConfigError, match="peak_flops"):
         throughput.peak_flops(-1, torch.device("cpu"))

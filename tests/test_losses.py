@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import losses
-from feedback import DataError
+from feedbackalign.errors import ConfigError, DataError
 
 F64 = torch.float64
 
@@ -107,7 +107,7 @@ def test_dpo_rejects_bad_inputs():
     pc, pr, rc, rr = paired()
     with pytest.raises(DataError, match="dpo_loss.*shape"):
         losses.dpo_loss(pc, pr[:2], rc, rr, beta=0.1)
-    with pytest.raises(DataError, match="label_smoothing"):
+    with pytest.raises(ConfigError, match="label_smoothing"):
         losses.dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.7)
 
 
@@ -145,7 +145,7 @@ def test_ipo_zero_at_target_margin():
 
 def test_ipo_rejects_bad_inputs():
     args = paired()
-    with pytest.raises(DataError, match="tau"):
+    with pytest.raises(ConfigError, match="tau"):
         losses.ipo_loss(*args, tau=0.0)
     with pytest.raises(DataError, match="both"):
         losses.ipo_loss(*args, tau=0.1, chosen_lengths=torch.tensor([1, 2, 3]))
@@ -389,7 +389,7 @@ def test_kwise_rejects_bad_shapes_and_alpha():
     with pytest.raises(DataError, match="K >= 2"):
         losses.nca_loss(one, one, one, beta=0.1, alpha=1.0)
     two = t([[-1.0, -2.0]])
-    with pytest.raises(DataError, match="alpha"):
+    with pytest.raises(ConfigError, match="alpha"):
         losses.infonca_loss(two, two, two, beta=0.1, alpha=0.0)
 
 

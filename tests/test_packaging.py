@@ -37,7 +37,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_make_targets_install_then_run_the_entry_points():
     targets = makefile_targets()
-    assert "pytest" in targets["test"] and "demo.py" in targets["demo"]
+    assert "pytest" in targets["test"] and "showcase.demo" in targets["demo"]
     install = targets["$(VENV)/.installed"]
     assert "torch==2.13.0" in install and ".[dev]" in install
     makefile = (REPO / "Makefile").read_text()

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-import task
-from feedback import DataError, desirable_of, pairs_of
-from task import get_wordsort, judge, parse_prompt, response_words, score_samples, true_reward
+from feedbackalign import task
+from feedbackalign.feedback import desirable_of, pairs_of
+from feedbackalign.errors import DataError
+from feedbackalign.task import get_wordsort, judge, parse_prompt, response_words, score_samples, true_reward
 
 P = "Sort these words alphabetically: pen fig air sun"  # sorted: air fig pen sun, n = 4, 6 pairs
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
+from feedbackalign import builders
+from feedbackalign.configuration import compose
 from helpers import REPO, make_trainer, run_script
 
 ALL_LOSSES = sorted(p.stem for p in (REPO / "config" / "loss").glob("*.yaml"))
@@ -17,9 +17,7 @@ PAIRED = ["dpo", "cdpo", "ipo", "ncapair", "slic", "simpo", "orpo"]
 
 def loss_on(trainer, batch):
     """The trainer's loss on one microbatch, exactly as its train step computes it."""
-    sequences = trainer.loss_sequences(batch)
-    reference = trainer.reference_logps(sequences) if trainer.uses_reference else None
-    policy = trainer.policy_logps(sequences, with_hidden=trainer.value_head is not None)
+    policy, reference = trainer.forward(batch)
     return trainer.loss(batch, policy, reference, trainer.step_context([batch]))
 
 
@@ -43,7 +41,7 @@ def test_infonca_at_step_zero_is_log_k(tmp_path):
     batch = next(iter(trainer.train_loader))
     with torch.no_grad():
         value, _ = loss_on(trainer, batch)
-    assert value.item() == pytest.approx(math.log(batch["rewards"].shape[1]), rel=1e-5)
+    assert value.item() == pytest.approx(math.log(batch.values["rewards"].shape[1]), rel=1e-5)
 
 
 def margin(metrics):
@@ -91,7 +89,7 @@ def test_accumulation_gives_the_big_batch_update(tmp_path, loss):
                                f"model.gradient_accumulation_steps={accum}", "model.max_grad_norm=1e9")
         before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
         micro = [b for _, b in zip(range(accum), iter(trainer.train_loader))]
-        assert sum(len(b["prompts"]) for b in micro) == 8
+        assert sum(len(b.prompts) for b in micro) == 8
         trainer.train_step(micro)
         params.append({n: p.detach() - before[n] for n, p in trainer.policy.named_parameters()})
     for name in params[0]:
@@ -102,13 +100,10 @@ def test_accumulation_gives_the_big_batch_update(tmp_path, loss):
 def test_the_no_argument_config_trains_sft_of_the_tiny_model(tmp_path):
     """`python train.py` alone = SFT of the embedded tiny model on the built-in task (4000 prompts: minutes on 2
     cores, so here its first steps in-process; the CLI itself runs in the subprocess tests of this suite)."""
-    import train
-
-    with initialize_config_dir(config_dir=str(REPO / "config"), version_base=None):
-        cfg = compose("config", overrides=[f"cache_dir={tmp_path}"])
+    cfg = compose([f"cache_dir={tmp_path}"])
     assert (cfg.loss.name, cfg.model.name, list(cfg.datasets), cfg.model.policy_dtype) == \
         ("sft", "tiny", ["wordsort"], "float32")
-    trainer = train.setup(cfg, 0, 1, torch.device("cpu"))
+    trainer = builders.build_trainer(cfg, 0, 1, torch.device("cpu"))
     losses = [trainer.train_step([batch])["loss"] for _, batch in zip(range(4), trainer.train_loader)]
     assert losses[-1] < losses[0]
     metrics = trainer.train_step([next(iter(trainer.train_loader))])
@@ -144,7 +139,7 @@ def test_too_many_nonfinite_steps_stop_the_run_and_keep_the_last_checkpoint(tmp_
                         "export_hf=false", "max_nonfinite_steps=2", "intermediate_checkpoints=8", cwd=tmp_path)
     assert result.returncode == 2
     message = result.stderr.strip().splitlines()[-1]                          # the error is the last line
-    assert message.startswith("error: 2 non-finite steps in a row") and "max_nonfinite_steps=2" in message
+    assert message.startswith("train.py: error: 2 non-finite steps in a row") and "max_nonfinite_steps=2" in message
     assert "step-000002 was kept" in message
     assert "Traceback" not in result.stderr
     run_dir = tmp_path / "sft_tiny"
@@ -160,6 +155,7 @@ def test_too_many_nonfinite_steps_stop_the_run_and_keep_the_last_checkpoint(tmp_
     (["model=nope"], "model"),
     (["no_such_key=1"], "no_such_key"),
     (["datasets=[nope]"], "nope"),
+    (["loss=dpo", "loss.dataloader=RewardDataLoader"], "yields 'groups' batches: use PairedPreferenceDataLoader"),
 ])
 def test_bad_config_fails_fast_with_the_name(tmp_path, args, needle):
     result = run_script(str(REPO / "train.py"), f"cache_dir={tmp_path}", *args, cwd=tmp_path, timeout=120)
@@ -178,3 +174,51 @@ def test_python_train_py_with_no_arguments(tmp_path):
     train_losses = [r["loss"] for r in records if "loss" in r]
     assert len(train_losses) == 125 and train_losses[-1] < train_losses[0] / 3
     assert (run_dir / "LATEST" / "policy.pt").is_file() and (run_dir / "LATEST" / "hf" / "config.json").is_file()
+
+
+def test_every_trainer_declares_a_batch_kind_its_default_loader_yields():
+    import dataloader
+    import trainers
+    from feedbackalign.batches import KINDS
+
+    declared = [c for c in vars(trainers).values() if isinstance(c, type) and issubclass(c, trainers.BasicTrainer)
+                and c.batch_kind]
+    assert len(declared) >= 14
+    for trainer in declared:
+        assert trainer.batch_kind in KINDS, trainer.__name__
+        assert getattr(dataloader, trainer.default_dataloader).batch_kind == trainer.batch_kind, trainer.__name__
+
+
+@pytest.mark.parametrize("loss, loader", [("dpo", "UnpairedPreferenceDataLoader"), ("dpo", "RewardDataLoader"),
+                                          ("kto", "PairedPreferenceDataLoader"), ("nca", "SFTDataLoader"),
+                                          ("cut", "ConditionalSFTDataLoader")])
+def test_a_loader_that_does_not_fit_the_loss_is_refused_before_anything_is_built(tmp_path, loss, loader):
+    """Before named batches these trained on wrongly split data and exited 0."""
+    from feedbackalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"loss={loss} \(\w+Trainer\) trains on '\w+' batches but "
+                                          rf"loss.dataloader={loader} yields"):
+        make_trainer(tmp_path, f"loss={loss}", f"loss.dataloader={loader}")
+    assert not any(tmp_path.iterdir())
+
+
+def test_every_forward_is_metered_kl_partners_and_live_reference_included(tmp_path):
+    """KTO: tokens/s counts targets and their KL partners (both go through the policy); computed tokens add the
+    live reference's forwards of both; DPO with a cached reference computes only the policy's packed row."""
+    kto = make_trainer(tmp_path / "kto", "loss=kto")
+    batch = next(iter(kto.train_loader))
+    logged = kto.train_step([batch])
+    unshared = sum(len(s.prompt_ids) + len(s.response_ids) for s in batch.sequences())
+    assert logged["tokens/s"] * logged["s/step"] == pytest.approx(unshared)
+    # targets and partners are separate forwards (no prompt shared between them): policy and reference each
+    # compute every token once, so twice the unshared count
+    assert logged["computed_tokens/s"] * logged["s/step"] == pytest.approx(2 * unshared)
+
+    dpo = make_trainer(tmp_path / "dpo", "loss=dpo", "cache_reference_logprobs=true")
+    batch = next(iter(dpo.train_loader))
+    logged = dpo.train_step([batch])
+    from feedbackalign.logprobs import pack
+
+    assert logged["computed_tokens/s"] * logged["s/step"] == pytest.approx(pack(batch.sequences()).input_ids.shape[1])
+    assert logged["tokens/s"] * logged["s/step"] == pytest.approx(
+        sum(len(s.prompt_ids) + len(s.response_ids) for s in batch.sequences()))

@@ -36,7 +36,7 @@ def main() -> None:
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus(data_dir), trainer=trainer)
-    out = Path(__file__).resolve().parents[1] / "assets" / "tiny" / "tokenizer.json"
+    out = Path(__file__).resolve().parents[1] / "feedbackalign" / "assets" / "tiny" / "tokenizer.json"
     tok.save(str(out))
     print(f"wrote {out} (vocab {tok.get_vocab_size()})")
 

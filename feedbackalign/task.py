@@ -26,7 +26,8 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from feedback import DataError, Dataset, Example
+from feedbackalign.feedback import Dataset, Example, last_user_turn
+from feedbackalign.errors import DataError
 
 DATASET_NAME = "wordsort"
 INSTRUCTION = "Sort these words alphabetically:"
@@ -375,8 +376,7 @@ def _prompt_text(value, where: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list) and value and all(isinstance(t, dict) and "content" in t for t in value):
-        users = [t["content"] for t in value if t.get("role") == "user"]
-        return users[-1] if users else value[-1]["content"]
+        return last_user_turn(value)
     raise DataError(f"{where}: the prompt must be a string or a list of chat turns, got {type(value).__name__}")
 
 

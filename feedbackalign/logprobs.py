@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from feedback import DataError
+from feedbackalign.errors import ConfigError
 
 LOGSUMEXP_CHUNK = 4096
 SHARED_ATTENTION = "prefix_shared"  # registered as "prefix_shared|<the model's own implementation>"
@@ -56,10 +56,6 @@ class TokenLogps:
     @property
     def counts(self) -> torch.Tensor:
         return self.mask.sum(-1)
-
-    @property
-    def means(self) -> torch.Tensor:
-        return self.sums / self.counts.clamp(min=1)
 
     def rows(self, index) -> "TokenLogps":
         hidden = self.hidden[index] if self.hidden is not None else None
@@ -247,7 +243,7 @@ def prefix_shared_attention(module, query, key, value, attention_mask, scaling=N
                                        **kwargs)
     window, longest = kwargs.get("sliding_window"), max(g.shape[1] for g in prefix_index.gathers)
     if kwargs.get("softcap") is not None or (window is not None and longest > window):
-        raise DataError(f"{type(module).__name__}: attention softcapping or a sliding window shorter than a sequence "
+        raise ConfigError(f"{type(module).__name__}: attention softcapping or a sliding window shorter than a sequence "
                          f"({longest} tokens) is not supported by the packed layout; set model.forward_layout=padded")
     heads, dim = query.shape[1], query.shape[-1]
     outputs = []
@@ -289,7 +285,7 @@ def route_attention(model) -> None:
     config._attn_implementation = name
 
 
-def packed_logps(model, sequences, pad_token_id: int | None = None, with_hidden: bool = False) -> TokenLogps:
+def packed_logps(model, sequences, with_hidden: bool = False) -> TokenLogps:
     """The flat, prefix-shared layout; numerically the padded layout's values."""
     device = next(model.parameters()).device
     layout = pack(sequences)
@@ -308,13 +304,11 @@ def packed_logps(model, sequences, pad_token_id: int | None = None, with_hidden:
     return result
 
 
-def sequence_logps(model, sequences, pad_token_id: int, layout: str = "packed", row_tokens: int | None = None,
-                   with_hidden: bool = False) -> TokenLogps:
-    """Response-aligned token log-probs of `sequences` under `model`, in the chosen layout.
-
-    `row_tokens` is accepted for older callers and ignored: the packed layout is one unpadded row."""
+def sequence_logps(model, sequences, pad_token_id: int, layout: str = "packed", with_hidden: bool = False) -> TokenLogps:
+    """Response-aligned token log-probs of `sequences` under `model`, in the chosen layout (`pad_token_id` fills
+    the padded layout)."""
     if layout == "packed":
-        return packed_logps(model, sequences, pad_token_id, with_hidden)
+        return packed_logps(model, sequences, with_hidden)
     if layout == "padded":
         return padded_logps(model, sequences, pad_token_id, with_hidden)
-    raise DataError(f"model.forward_layout={layout} is unknown: use packed or padded")
+    raise ConfigError(f"model.forward_layout={layout} is unknown: use packed or padded")

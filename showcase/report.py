@@ -27,49 +27,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-import matplotlib
 import torch
+from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-matplotlib.use("Agg")   # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+import dataloader
+from feedbackalign import builders, checkpoints, models, task
+from feedbackalign.errors import DataError
+from feedbackalign.logprobs import sequence_logps
+from feedbackalign.stats import mean_ci, wilson_interval
 
-import checkpoints  # noqa: E402
-import dataloader  # noqa: E402
-import models  # noqa: E402
-import task  # noqa: E402
-import train  # noqa: E402
-from feedback import DataError  # noqa: E402
-from logprobs import sequence_logps  # noqa: E402
-
-Z95 = 1.959963984540054
 BASELINE = "sft"
 
 
 # ---------------------------------------------------------------- statistics
-
-
-def mean_ci(values: list[float], z: float = Z95) -> tuple[float, float, float]:
-    """(mean, low, high): the mean with a normal 95% interval, mean +- z s / sqrt(n) (s: sample std)."""
-    n = len(values)
-    if n == 0:
-        raise DataError("mean_ci: no values (the samples file has no samples)")
-    mean = sum(values) / n
-    if n == 1:
-        return mean, mean, mean
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = z * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of k successes in n trials (Wilson 1927)."""
-    if n == 0:
-        return 0.0, 1.0
-    p, z2 = k / n, z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def win_tie_loss(candidate: dict[str, float], baseline: dict[str, float]) -> tuple[int, int, int]:
@@ -135,13 +106,12 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def heldout_chosen_logp(run_dir: Path, n_prompts: int) -> float:
     """Mean summed log p(best response | prompt) of the run's final policy on its first n test prompts."""
     cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
-    examples = [ex for ds in train.load_datasets(cfg, "test") for ex in ds.examples][:n_prompts]
+    examples = [ex for ds in builders.load_datasets(cfg, "test") for ex in ds.examples][:n_prompts]
     tokenizer = models.load_tokenizer(cfg.model.tokenizer_name_or_path)
     model = models.build_model(cfg.model.name_or_path, torch.float32, attn_implementation=cfg.model.attn_implementation,
                                vocab_size=len(tokenizer))
     model.load_state_dict(checkpoints.load_policy_weights(checkpoints.latest_dir(run_dir) / "policy.pt"), strict=False)
-    fmt = dataloader.PromptFormat(cfg.model.human_prefix, cfg.model.human_suffix, cfg.model.assistant_prefix,
-                                  cfg.model.assistant_suffix, cfg.model.system_prefix)
+    fmt = dataloader.PromptFormat.from_config(cfg.model)
     templated = dataloader.uses_chat_template(tokenizer)
     sequences = [dataloader.Sequence(
         dataloader.encode_prompt(tokenizer, dataloader.format_prompt(ex.prompt, tokenizer, fmt), not templated),
@@ -163,7 +133,7 @@ def loss_results(name: str, rewards: dict[str, float], base: dict[str, float]) -
     return {"run": name, "n": n, "reward": mean, "reward_ci95": [low, high], "gain": gain,
             "gain_ci95": [gain_low, gain_high], "verdict": verdict(gain_low, gain_high),
             "perfect": sum(r == 10.0 for r in rewards.values()) / n,
-            "win": wins / n, "tie": ties / n, "lose": losses / n, "win_ci95": list(wilson(wins, n))}
+            "win": wins / n, "tie": ties / n, "lose": losses / n, "win_ci95": list(wilson_interval(wins, n))}
 
 
 def judge_summary(out: Path, name: str):
@@ -280,7 +250,8 @@ def markdown(rows: list[dict], manifest: dict, sampling: dict) -> str:
 def _figure(n_panels: int):
     cols = min(n_panels, 3)
     rows = math.ceil(n_panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))  # no pyplot: files only, no display or global state
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[n_panels:]:
         ax.axis("off")
     return fig, list(axes.flat)
@@ -303,7 +274,6 @@ def plot_training_curves(metrics: dict[str, list[dict]], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 FIGURE2 = (("dpo", "C0", "-"), ("nca", "C2", "-"), ("dpo-beta0.1", "C0", "--"), ("nca-beta0.1", "C2", "--"))
@@ -323,13 +293,13 @@ def plot_chosen_logp(metrics: dict[str, list[dict]], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_true_reward(rows: list[dict], path: Path) -> None:
     """Mean true reward per model with its 95% interval; the SFT level as a line; green / red where the paired
     gain over SFT is clearly positive / negative."""
-    fig, ax = plt.subplots(figsize=(max(4.2, 0.6 * len(rows) + 1.5), 3.6))
+    fig = Figure(figsize=(max(4.2, 0.6 * len(rows) + 1.5), 3.6))
+    ax = fig.subplots()
     names = [r["run"] for r in rows]
     means = [r["reward"] for r in rows]
     errors = [[r["reward"] - r["reward_ci95"][0] for r in rows], [r["reward_ci95"][1] - r["reward"] for r in rows]]
@@ -339,10 +309,11 @@ def plot_true_reward(rows: list[dict], path: Path) -> None:
     ax.set_ylim(max(0.0, min(r["reward_ci95"][0] for r in rows) - 0.5), 10)
     ax.set_ylabel("mean true reward (0-10)")
     ax.set_title("true reward on held-out prompts")
-    plt.setp(ax.get_xticklabels(), rotation=40, ha="right")
+    ax.tick_params(axis="x", labelrotation=40)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- writing

@@ -7,7 +7,7 @@ An `Example` is one prompt (chat turns) with its generations and whatever feedba
 - `desirable`   one bool per generation (KTO's unpaired labels);
 - `judgments`   one natural-language critique or None per generation (CUT, Shepherd).
 
-Converters derive the kinds a loss needs where the math allows (design.md, "The data path"):
+Converters derive the kinds a loss needs where the math allows:
 scores -> pairs / desirable / K-groups; pairs -> desirable; pairs -> K=2 groups with one-hot rewards;
 judgments -> desirable (a judged response is undesirable, `None` is desirable).
 """
@@ -20,12 +20,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-
-class DataError(ValueError):
-    """A problem with user data or a user's choice of data: the message names the thing and what to do."""
+from feedbackalign.errors import DataError
 
 
-Turn = dict  # {"role": "system" | "user" | "assistant", "content": str}
+Turn = dict  # {"role": one of ROLES, "content": str}
+ROLES = ("system", "user", "assistant")
+
+
+def last_user_turn(turns: list[Turn]) -> str:
+    """The content of the last user turn (the last turn when there is none): the instruction of a prompt."""
+    users = [t["content"] for t in turns if t.get("role") == "user"]
+    return users[-1] if users else turns[-1]["content"]
 
 
 @dataclass
@@ -73,8 +78,7 @@ class Example:
 
     def prompt_text(self) -> str:
         """The last user turn, for summaries and sample files."""
-        users = [t["content"] for t in self.prompt if t["role"] == "user"]
-        return users[-1] if users else self.prompt[-1]["content"]
+        return last_user_turn(self.prompt)
 
 
 @dataclass
@@ -174,7 +178,8 @@ def desirable_of(ex: Example, threshold: Optional[float] = None) -> list[Optiona
 
 
 def rewards_of(ex: Example) -> Optional[list[float]]:
-    """Scalar rewards for K-wise losses: scores, else one-hot from a single pair (a pair is a K=2 group)."""
+    """Scalar rewards for K-wise losses: the scores when every generation has one, else None (groups_of then
+    makes K=2 groups with one-hot rewards from the pairs)."""
     if has_scores(ex):
         return [float(s) for s in ex.scores]
     return None

@@ -12,9 +12,9 @@ import zlib
 from pathlib import Path
 from typing import Iterator, Optional
 
-from feedback import DataError
+from feedbackalign.errors import DataError
+from feedbackalign.feedback import ROLES
 
-ROLES = ("system", "user", "assistant")
 
 class SkippedRecordsWarning(UserWarning):
     """Upstream records left out by a documented rule (one warning per rule, with the count)."""

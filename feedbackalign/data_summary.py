@@ -20,7 +20,8 @@ import numpy as np
 
 from dataloader import PromptFormat, check_example, encode_prompt, encode_response, format_prompt, truncate
 from dataloader import uses_chat_template
-from feedback import DataError, Dataset, desirable_of, groups_of, pairs_of
+from feedbackalign.feedback import Dataset, desirable_of, groups_of, pairs_of
+from feedbackalign.errors import DataError
 
 PERCENTILES = (50, 90, 99)
 
@@ -93,8 +94,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object per dataset")
     args = parser.parse_args(argv)
     try:
-        import getters
-        from models import load_tokenizer
+        from feedbackalign import getters
+        from feedbackalign.models import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
         for name in args.datasets:

@@ -1,10 +1,10 @@
 """Processes and FSDP2: one process per GPU of the node (spawned), or torchrun for many nodes; gloo on CPU.
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`) shards each decoder block, then the whole model. On GPU the
-parameters compute in bf16 with fp32 gradient reduction (MixedPrecisionPolicy). CPU has no
-sync_module_states, so rank 0's weights are broadcast before sharding (../shared/notes/environment.md).
+parameters compute in bf16 with fp32 gradient reduction (MixedPrecisionPolicy). FSDP2 has no
+sync_module_states, so rank 0's weights are broadcast before sharding.
 The reference model is sharded the same way and never gets gradients or optimizer state. Parameters outside
-FSDP (PPO's value head; every parameter with use_fsdp=false) get their gradients averaged by hand, as FSDP's
+FSDP (a trainer's heads, e.g. PPO's value head; every parameter with use_fsdp=false) get their gradients averaged by hand, as FSDP's
 reduce-scatter averages the sharded ones.
 """
 
@@ -18,7 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from feedback import DataError
+from feedbackalign.errors import ConfigError
 
 
 def world_from_env() -> tuple[int, int, int] | None:
@@ -63,7 +63,7 @@ def decoder_blocks(model: torch.nn.Module, block_name: str | None) -> list[torch
     if block_name:
         blocks = [m for m in model.modules() if type(m).__name__ == block_name]
         if not blocks:
-            raise DataError(f"model.block_name={block_name} matches no module of this model; set it to the decoder "
+            raise ConfigError(f"model.block_name={block_name} matches no module of this model; set it to the decoder "
                             "layer class (e.g. LlamaDecoderLayer) or null to shard model.layers")
         return blocks
     for module in model.modules():

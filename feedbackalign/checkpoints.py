@@ -8,16 +8,15 @@ Layout of a run directory:
                                              unless model.lora.merge_on_export=false (then the peft adapter)
                                              QLoRA (4-bit base): nothing is merged; policy.pt holds the peft state
                                              and hf/ the adapter
-    checkpoints/step-000123/resume.pt        full optimizer + scheduler state, LoRA adapters, value head (tensors)
+    checkpoints/step-000123/resume.pt        full optimizer + scheduler state, LoRA adapters, the trainer's heads
     checkpoints/step-000123/trainer_state.json  step, examples, data position, RNG states (JSON, no pickle)
     LATEST -> checkpoints/step-000123        a symlink swapped with os.replace, so it is never half-written
 
+What is saved is passed in explicitly as a `TrainState` (the trained modules: "policy" plus any heads, the
+optimizer, the scheduler, and the JSON-safe progress of the loop); nothing here reads a trainer.
 Everything read back is loaded with `torch.load(weights_only=True)` (tensors and plain containers only) or JSON.
 A checkpoint is written into a temporary directory, fsync'd, renamed to a name no other checkpoint has, and only
 then does LATEST move; older checkpoints beyond `keep_checkpoints` are removed after that.
-
-Test hook: FEEDBACKALIGN_TEST_SAVE_PAUSE="<step>:<seconds>" sleeps inside the save of that step, after policy.pt
-is in the temporary directory and before anything is renamed, so a test can SIGKILL a process mid-save.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import os
 import random
 import re
 import shutil
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +36,26 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from feedback import DataError
+from feedbackalign.errors import CheckpointError
+from feedbackalign.models import is_lora, is_quantized
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 only, on CPU
 STEP_DIR = re.compile(r"^step-(\d+)(?:\.(\d+))?$")
-PAUSE_ENV = "FEEDBACKALIGN_TEST_SAVE_PAUSE"
+POLICY = "policy"  # the trained modules' key of the policy; every other key is a head (e.g. PPO's value head)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds and a resume restores."""
+
+    modules: torch.nn.ModuleDict   # {"policy": the policy, **heads}: trained together, one state dict
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    progress: dict                 # JSON-safe: "step", "examples_seen", counters, the data position
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self.modules[POLICY]
 
 
 def _barrier(world_size: int) -> None:
@@ -116,16 +130,18 @@ def merged_state(state: dict, scalings: dict[str, float]) -> dict:
     return out
 
 
-def split_state(full: dict) -> tuple[dict, dict]:
-    """A trainer's module state ({"policy.*", "value_head.*"}) -> (policy state, value head state)."""
-    policy = {k.removeprefix("policy."): v for k, v in full.items() if k.startswith("policy.")}
-    head = {k.removeprefix("value_head."): v for k, v in full.items() if k.startswith("value_head.")}
-    return policy, head
+def by_module(full: dict) -> dict[str, dict]:
+    """The trained modules' state ({"policy.w": ..., "value_head.b": ...}) -> {module: its own state}."""
+    out: dict[str, dict] = {}
+    for key, value in full.items():
+        module, name = key.split(".", 1)
+        out.setdefault(module, {})[name] = value
+    return out
 
 
 def export_hf(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: bool = True) -> None:
     """save_pretrained export loadable with plain AutoModelForCausalLM (LoRA merged), or the peft adapter."""
-    if hasattr(model, "get_base_model"):
+    if is_lora(model):
         if merge:
             model.get_base_model().save_pretrained(out_dir, state_dict=plain, safe_serialization=True)
         else:
@@ -138,15 +154,6 @@ def export_hf(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: 
 # ---------------------------------------------------------------- save
 
 
-def _pause_for_tests(step: int) -> None:
-    """The documented test hook (module docstring): sleep inside the save of one step."""
-    spec = os.environ.get(PAUSE_ENV)
-    if spec:
-        at, seconds = spec.split(":")
-        if int(at) == step:
-            time.sleep(float(seconds))
-
-
 def _free_name(root: Path, step: int) -> Path:
     """step-000123, or step-000123.1, .2 ... when a checkpoint of that step exists (never overwrite one)."""
     path, k = root / f"step-{step:06d}", 0
@@ -156,47 +163,49 @@ def _free_name(root: Path, step: int) -> Path:
     return path
 
 
-def save(trainer, intermediate: bool = False) -> Path | None:
-    """Write a checkpoint for `trainer`'s current step atomically; every rank gathers, rank 0 writes."""
-    cfg = trainer.config
-    full = get_model_state_dict(trainer.trained_modules, options=FULL)
-    optim = get_optimizer_state_dict(trainer.trained_modules, trainer.optimizer, options=FULL)
-    rng = [None] * trainer.world_size
-    if trainer.world_size > 1:
+def save(run_dir, state: TrainState, *, tokenizer, rank: int = 0, world_size: int = 1, keep: int = 2,
+         export: bool = False, merge_lora: bool = True) -> Path | None:
+    """Write a checkpoint of `state` atomically (every rank gathers, rank 0 writes); returns its directory on
+    rank 0. `export` adds the save_pretrained export hf/ (LoRA merged unless `merge_lora` is false)."""
+    full = get_model_state_dict(state.modules, options=FULL)
+    optim = get_optimizer_state_dict(state.modules, state.optimizer, options=FULL)
+    rng = [None] * world_size
+    if world_size > 1:
         dist.all_gather_object(rng, rng_state())
     else:
         rng = [rng_state()]
     final_dir = None
-    if trainer.rank == 0:
-        final_dir = _write(trainer, full, optim, rng, export=not intermediate and cfg.export_hf)
-    _barrier(trainer.world_size)
+    if rank == 0:
+        final_dir = _write(Path(run_dir), state, full, optim, rng, tokenizer=tokenizer, keep=keep, export=export,
+                           merge_lora=merge_lora)
+    _barrier(world_size)
     return final_dir
 
 
-def _write(trainer, full: dict, optim: dict, rng: list, export: bool) -> Path:
-    root = trainer.run_dir / "checkpoints"
-    tmp = root / f".tmp-step-{trainer.step:06d}-{os.getpid()}"
+def _write(run_dir: Path, state: TrainState, full: dict, optim: dict, rng: list, *, tokenizer, keep: int,
+           export: bool, merge_lora: bool) -> Path:
+    step = int(state.progress["step"])
+    root = run_dir / "checkpoints"
+    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state, head = split_state(full)
-    lora = hasattr(trainer.policy, "get_base_model")
-    quantized = getattr(trainer.policy, "hf_quantizer", None) is not None  # QLoRA: 4-bit base, nothing to merge into
-    plain = merged_state(state, lora_scalings(trainer.policy)) if lora and not quantized else state
-    torch.save({"step_idx": trainer.examples_seen, "state": plain, "metrics": {}}, tmp / "policy.pt")
-    _pause_for_tests(trainer.step)
-    resume = {"optimizer": optim, "scheduler": trainer.scheduler.state_dict(), "value_head": head,
-              "adapters": {k: v for k, v in state.items() if "lora_" in k} if lora else {}}
+    modules = by_module(full)
+    policy_state = modules.pop(POLICY)
+    lora, quantized = is_lora(state.policy), is_quantized(state.policy)
+    plain = merged_state(policy_state, lora_scalings(state.policy)) if lora and not quantized else policy_state
+    torch.save({"step_idx": state.progress["examples_seen"], "state": plain, "metrics": {}}, tmp / "policy.pt")
+    resume = {"optimizer": optim, "scheduler": state.scheduler.state_dict(), "heads": modules,
+              "adapters": {k: v for k, v in policy_state.items() if "lora_" in k} if lora else {}}
     torch.save(resume, tmp / "resume.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({**trainer.training_state(), "rng": rng}))
+    (tmp / "trainer_state.json").write_text(json.dumps({**state.progress, "rng": rng}))
     if export:
-        export_hf(trainer.policy, trainer.tokenizer, plain, state, tmp / "hf",
-                  merge=bool(trainer.config.model.lora.get("merge_on_export", True)) and not quantized)
+        export_hf(state.policy, tokenizer, plain, policy_state, tmp / "hf", merge=merge_lora and not quantized)
     _fsync_tree(tmp)
-    final_dir = _free_name(root, trainer.step)
+    final_dir = _free_name(root, step)
     os.rename(tmp, final_dir)
     _fsync_dir(root)
-    point_latest(trainer.run_dir, final_dir)
-    prune(trainer.run_dir, trainer.config.keep_checkpoints)
+    point_latest(run_dir, final_dir)
+    prune(run_dir, keep)
     return final_dir
 
 
@@ -238,8 +247,8 @@ def prune(run_dir: Path, keep: int) -> None:
 def latest_dir(run_dir) -> Path:
     latest = Path(run_dir) / "LATEST"
     if not all((latest / name).is_file() for name in ("policy.pt", "resume.pt", "trainer_state.json")):
-        raise DataError(f"no checkpoint to resume in {run_dir}: {latest} is missing or incomplete "
-                        "(train first, or point resume= at a run directory that has LATEST)")
+        raise CheckpointError(f"no checkpoint to resume in {run_dir}: {latest} is missing or incomplete "
+                              "(train first, or point resume= at a run directory that has LATEST)")
     return latest.resolve()
 
 
@@ -249,48 +258,55 @@ def load_policy_weights(path) -> dict:
     if path.is_dir():
         path = path / "policy.pt"
     if not path.is_file():
-        raise DataError(f"model.load_from: {path} does not exist (give a run's LATEST/policy.pt or its directory)")
+        raise CheckpointError(f"model.load_from: {path} does not exist (give a run's LATEST/policy.pt or its "
+                              "directory)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise DataError(f"model.load_from: cannot read {path}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"model.load_from: cannot read {path}: {type(e).__name__}: {e}") from None
     return blob["state"] if isinstance(blob, dict) and "state" in blob else blob
 
 
-def _module_state(trainer, ckpt: Path, resume: dict) -> dict:
-    """The full {"policy.*", "value_head.*"} state to restore: plain weights, or the base + saved adapters."""
-    if hasattr(trainer.policy, "get_base_model"):
-        policy = resume["adapters"]
-    else:
-        policy = load_policy_weights(ckpt)
-    return {**{f"policy.{k}": v for k, v in policy.items()},
-            **{f"value_head.{k}": v for k, v in resume.get("value_head", {}).items()}}
+def load_heads(checkpoint_dir, heads: dict[str, torch.nn.Module]) -> None:
+    """Trained weights of a trainer's heads (e.g. PPO's value head) from a checkpoint's resume.pt."""
+    path = Path(checkpoint_dir) / "resume.pt"
+    saved = torch.load(path, map_location="cpu", weights_only=True).get("heads", {}) if path.is_file() else {}
+    for name, head in heads.items():
+        if name not in saved:
+            raise CheckpointError(f"checkpoint {checkpoint_dir}: no trained '{name}' in {path}; give a checkpoint "
+                                  "directory written by train.py for this loss")
+        head.load_state_dict(saved[name])
 
 
-def load_resume_state(trainer, run_dir) -> dict:
-    """Restore policy, optimizer, scheduler and RNG from run_dir/LATEST; return the trainer state dict.
+def _module_state(state: TrainState, ckpt: Path, resume: dict) -> dict:
+    """The full {"policy.*", "<head>.*"} state to restore: plain weights, or the base + saved adapters."""
+    policy = resume["adapters"] if is_lora(state.policy) else load_policy_weights(ckpt)
+    modules = {POLICY: policy, **resume.get("heads", {})}
+    return {f"{module}.{k}": v for module, values in modules.items() for k, v in values.items()}
 
-    Rank 0 reads the files and broadcasts (full state dicts), so other ranks never hold a full copy."""
+
+def load_resume_state(run_dir, state: TrainState, *, rank: int = 0, world_size: int = 1) -> dict:
+    """Restore `state`'s modules, optimizer, scheduler and this rank's RNG from run_dir/LATEST; return the saved
+    progress. Rank 0 reads the files and broadcasts (full state dicts), so other ranks never hold a full copy."""
     ckpt = latest_dir(run_dir)
-    lora = hasattr(trainer.policy, "get_base_model")
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=trainer.world_size > 1, strict=not lora)
-    if trainer.rank == 0 or trainer.world_size == 1:
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world_size > 1,
+                               strict=not is_lora(state.policy))
+    if rank == 0 or world_size == 1:
         resume = torch.load(ckpt / "resume.pt", map_location="cpu", weights_only=True)
-        modules, optim = _module_state(trainer, ckpt, resume), resume["optimizer"]
+        modules, optim = _module_state(state, ckpt, resume), resume["optimizer"]
     else:
         resume, modules, optim = None, {}, {}
-    set_model_state_dict(trainer.trained_modules, modules, options=options)
-    set_optimizer_state_dict(trainer.trained_modules, trainer.optimizer, optim,
-                             options=StateDictOptions(full_state_dict=True,
-                                                      broadcast_from_rank0=trainer.world_size > 1))
+    set_model_state_dict(state.modules, modules, options=options)
+    set_optimizer_state_dict(state.modules, state.optimizer, optim,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=world_size > 1))
     scheduler = [resume["scheduler"] if resume is not None else None]
-    if trainer.world_size > 1:
+    if world_size > 1:
         dist.broadcast_object_list(scheduler, src=0)
-    trainer.scheduler.load_state_dict(scheduler[0])
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    rngs = state.pop("rng")
-    set_rng_state(rngs[trainer.rank] if trainer.rank < len(rngs) else rngs[0])
-    return state
+    state.scheduler.load_state_dict(scheduler[0])
+    progress = json.loads((ckpt / "trainer_state.json").read_text())
+    rngs = progress.pop("rng")
+    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    return progress
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -18,9 +18,11 @@ from collections import defaultdict, namedtuple
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-from feedback import DataError, Dataset, Example, in_test_split, merge_by_prompt
-from records import (Record, Skips, SkippedRecordsWarning, get_field, hub_records, nonempty_text,  # noqa: F401
-                     number_field, read_file, short_repr, text_field, turns_field)
+from feedbackalign.feedback import Dataset, Example, in_test_split, merge_by_prompt
+from feedbackalign.errors import DataError
+from feedbackalign.records import (Record, Skips, get_field, hub_records, nonempty_text, number_field, read_file,
+                                   short_repr, text_field, turns_field)
+from feedbackalign.task import get_wordsort
 
 DATA_FOLDERS = {  # name -> folder under data_dir
     "hh": "hh_rlhf", "hh_helpful": "hh_rlhf", "hh_harmless": "hh_rlhf", "shp": "shp", "oasst": "oasst",
@@ -630,19 +632,10 @@ GETTERS: dict[str, Callable[..., Dataset]] = {
     "hh": get_hh, "hh_helpful": get_hh_helpful, "hh_harmless": get_hh_harmless, "shp": get_shp,
     "oasst": get_oasst, "ultrafeedback": get_ultrafeedback, "ultrabin": get_ultrabin, "cut": get_cut,
     "shepherd": get_shepherd, "jsonl": get_jsonl, "json": get_jsonl,  # the reader tells JSON array from lines
+    "wordsort": get_wordsort,  # the built-in controlled task (task.py)
 }
 
 
-def available_getters() -> dict[str, Callable[..., Dataset]]:
-    """GETTERS plus the built-in controlled task (task.get_wordsort) when task.py provides it."""
-    try:
-        import task
-    except ModuleNotFoundError as e:
-        if e.name != "task":
-            raise
-        task = None
-    wordsort = getattr(task, "get_wordsort", None)
-    return dict(GETTERS, **({"wordsort": wordsort} if wordsort else {}))
 
 
 def _file_spec(name: str) -> Optional[tuple[str, str]]:
@@ -671,9 +664,8 @@ def get_dataset(name: str, split: str, data_dir=None, **options) -> Dataset:
     if spec is not None:
         _check_options(name, get_jsonl, options, reserved=("path", "name"))
         return get_jsonl(split, data_dir, path=spec[1], name=name, **options)
-    getters = available_getters()
-    if name not in getters:
-        raise DataError(f"unknown dataset '{name}': valid names are {', '.join(sorted(getters))}, "
+    if name not in GETTERS:
+        raise DataError(f"unknown dataset '{name}': valid names are {', '.join(sorted(GETTERS))}, "
                         f"or jsonl:<path> / json:<path> for your own file")
-    _check_options(name, getters[name], options)
-    return getters[name](split, data_dir, **options)
+    _check_options(name, GETTERS[name], options)
+    return GETTERS[name](split, data_dir, **options)

@@ -8,17 +8,22 @@ peak). Only FLOPs the model really computes count: a shared prompt counts once a
 padded layout shows its waste as lower MFU.
 
 The peak is `config.peak_flops` when set; else a table entry for a known GPU; else (CPU) a measured dense-matmul
-peak of this process's threads in the model's dtype.
+peak of this process's threads in the model's dtype; an unknown GPU gets no peak, and runs log no MFU.
+
+`Meter` is the one place work is counted: every forward a trainer runs (policy with and without gradients, live
+reference, KTO's KL partners) is recorded from its `TokenLogps` counts, and tokens/s, padding and MFU come from it.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+import warnings
+from dataclasses import dataclass
 
 import torch
 
-from feedback import DataError
+from feedbackalign.errors import ConfigError
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' data sheets; fp32 is not listed.
 GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
@@ -92,18 +97,53 @@ def measured_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 1024, r
     return 2.0 * size ** 3 / best
 
 
-def peak_flops(setting, device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """The peak MFU is measured against: the user's `peak_flops`, a known GPU's data-sheet value, or (CPU,
-    unknown GPU) a measured matmul peak."""
+def peak_flops(setting, device: torch.device, dtype: torch.dtype = torch.float32) -> float | None:
+    """The peak MFU is measured against: the user's `peak_flops`, a known GPU's data-sheet value, a measured
+    matmul peak on CPU, or None (an unknown GPU: MFU is not logged, and a warning says how to set it)."""
     if setting is not None:
         value = float(setting)
         if not value > 0:
-            raise DataError(f"peak_flops must be a positive FLOP/s value (e.g. 989e12), got {setting}")
+            raise ConfigError(f"peak_flops must be a positive FLOP/s value (e.g. 989e12), got {setting}")
         return value
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, value in GPU_PEAKS.items():
             if key in name:
                 return value
-        raise DataError(f"no known peak for GPU '{name}': set peak_flops=<FLOP/s> in the config")
+        warnings.warn(f"no known peak for GPU '{name}': MFU is not logged; set peak_flops=<FLOP/s> to log it")
+        return None
     return measured_matmul_peak(dtype)
+
+
+@dataclass
+class Meter:
+    """Work of the forwards since the last `take()`: recorded from each forward's TokenLogps counts.
+
+    `sequence_tokens` counts len(prompt) + len(response) of every sequence a policy forward scored (what an
+    unshared, unpadded forward computes: comparable across layouts and with TRL); `tokens` the non-pad positions
+    every forward really computed (a shared prompt once); `positions` those plus padding; `flops` model FLOPs
+    (a cached reference costs none)."""
+
+    model_config: object
+    sequence_tokens: int = 0
+    tokens: int = 0
+    positions: int = 0
+    flops: float = 0.0
+
+    def record(self, logps, sequences, *, backward: bool, policy: bool = True) -> None:
+        """Count one forward over `sequences` (x3 FLOPs with its backward); `policy=False` for the reference."""
+        if policy:
+            self.sequence_tokens += logps.sequence_tokens
+        self.tokens += logps.tokens
+        self.positions += logps.positions
+        if logps.tokens:
+            context = causal_context(len(s.prompt_ids) + len(s.response_ids) for s in sequences)
+            self.flops += logps_flops(self.model_config, logps, context, backward=backward)
+
+    def take(self) -> dict[str, float]:
+        """The counts so far, then zero."""
+        out = {"sequence_tokens": self.sequence_tokens, "tokens": self.tokens, "positions": self.positions,
+               "flops": self.flops}
+        self.sequence_tokens = self.tokens = self.positions = 0
+        self.flops = 0.0
+        return out

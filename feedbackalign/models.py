@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from feedback import DataError
+from feedbackalign.errors import ConfigError, EnvError
 
 TINY_NAME = "tiny"
 TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
@@ -29,7 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise DataError(f"model dtype '{name}' is unknown; valid: {', '.join(DTYPES)}")
+        raise ConfigError(f"model dtype '{name}' is unknown; valid: {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -44,7 +44,7 @@ def load_tokenizer(name_or_path: str):
         try:
             tok = AutoTokenizer.from_pretrained(name_or_path)
         except OSError as e:
-            raise DataError(f"cannot load tokenizer '{name_or_path}': {str(e).splitlines()[0]} "
+            raise EnvError(f"cannot load tokenizer '{name_or_path}': {str(e).splitlines()[0]} "
                             "(offline? set model.tokenizer_name_or_path to a local directory)") from None
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
@@ -78,12 +78,20 @@ def build_model(name_or_path: str, dtype: torch.dtype, seed: int = 0, attn_imple
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=dtype, attn_implementation=attention_implementation(attn_implementation))
     except OSError as e:
-        raise DataError(f"cannot load model '{name_or_path}': {str(e).splitlines()[0]} "
+        raise EnvError(f"cannot load model '{name_or_path}': {str(e).splitlines()[0]} "
                         "(offline? set model.name_or_path to a local directory)") from None
     if vocab_size is not None and model.get_input_embeddings().weight.shape[0] < vocab_size:
         model.resize_token_embeddings(vocab_size)
     return model
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def is_lora(model) -> bool:
+    """A peft model (LoRA adapters on a base; its reference is the base with adapters disabled)."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def is_quantized(model) -> bool:
+    """A base loaded in 4 bits (QLoRA): nothing can be merged into it."""
+    return getattr(model, "hf_quantizer", None) is not None

@@ -1,12 +1,12 @@
 """Throughput benchmark: this framework's trainers side by side with TRL's DPOTrainer (a benchmark, not a test).
 
-    python benchmark.py                                  # DPO on HH and wordsort, ours vs TRL, live + cached
-    python benchmark.py --steps 5 --datasets wordsort    # quicker
-    python benchmark.py --skip-trl --losses nca kto      # ours only
-    python benchmark.py --scaling                        # step time vs sequence length and K, cache pass vs size
+    python -m showcase.benchmark                                # DPO on HH and wordsort, ours vs TRL, live + cached
+    python -m showcase.benchmark --steps 5 --datasets wordsort  # quicker
+    python -m showcase.benchmark --skip-trl --losses nca kto    # ours only
+    python -m showcase.benchmark --scaling                      # step time vs sequence length and K, cache pass
 
 Every configuration runs in its own subprocess, one after the other (clean peak RSS, no shared state). Ours is
-the real trainer built by `train.setup` from the real config (tiny model, packed layout); TRL's DPOTrainer gets
+the real trainer built by `builders.build_trainer` from the real config (tiny model, packed layout); TRL's DPOTrainer gets
 the same tiny model and seed-0 init, an explicit frozen reference, and exactly the token ids our loader produced
 (same pairs, same order, same truncation), fp32, no gradient checkpointing, batch 8 pairs, max_length 256.
 
@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 UNITS = {"dpo": "pairs", "nca": "groups", "kto": "items"}
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
@@ -43,7 +43,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFL
 
 def hh_train_alias(data_dir: Path, work: Path) -> Path:
     """A data_dir whose hh_rlhf/<subset>/train.jsonl.gz link to the local test files (the shared samples hold
-    only HH's test split), so `train.setup` loads HH unchanged."""
+    only HH's test split), so `builders.build_trainer` loads HH unchanged."""
     alias = work / "data"
     for subset in sorted((data_dir / "hh_rlhf").iterdir()):
         if (subset / "test.jsonl.gz").is_file():
@@ -56,7 +56,7 @@ def hh_train_alias(data_dir: Path, work: Path) -> Path:
 
 def compose(spec: dict, work: Path):
     """The real Hydra config for one run of ours."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from feedbackalign.configuration import compose as compose_config
 
     overrides = [f"loss={spec['loss']}", "model=tiny", f"datasets=[{spec['dataset']}]", f"cache_dir={work}/runs",
                  f"reference_cache_dir={work}/refcache", f"model.batch_size={spec['batch']}",
@@ -68,8 +68,7 @@ def compose(spec: dict, work: Path):
         overrides.append(f"data_dir={hh_train_alias(Path(spec['data_dir']), work)}")
     if spec["loss"] == "nca":
         overrides += [f"loss.data.n_responses={spec['k']}", f"++dataset_options.wordsort.k={spec['k']}"]
-    with initialize_config_dir(config_dir=str(REPO / "config"), version_base=None):
-        return hydra_compose("config", overrides=overrides)
+    return compose_config(overrides)
 
 
 def sequence_tokens(sequences) -> int:
@@ -86,42 +85,41 @@ def summarize(times: list[float], tokens: list[int], units: list[int], warmup: i
 
 
 def run_ours(spec: dict, work: Path) -> dict:
+    """Our trainer's steps. The work of each step (KL partners and a live reference included) is what its own
+    meter (throughput.Meter) logged: rate x the step's seconds gives back the counts; the steady-state time is
+    measured here around each step."""
     import torch
 
-    import train
-    import throughput
+    from feedbackalign import builders
 
     cfg = compose(spec, work)
     with timed_reference_pass() as reference_pass:
-        trainer = train.setup(cfg, 0, 1, torch.device("cpu"))
-    live = trainer.reference is not None
-    times, seen, padding = [], [], []
+        trainer = builders.build_trainer(cfg, 0, 1, torch.device("cpu"))
+    times, tokens, computed, positions, flops, units = [], [], [], [], [], []
     batches = iter(trainer.train_loader)
-    last = time.perf_counter()
     for _ in range(spec["warmup"] + spec["steps"]):
         batch = next(batches)
-        metrics = trainer.train_step([batch])
-        now = time.perf_counter()
-        times.append(now - last)
-        seen.append(batch)
-        padding.append(metrics["padding_fraction"])
-        last = time.perf_counter()  # bookkeeping outside the measured time
-    tokens = [sequence_tokens(b["sequences"]) for b in seen]
-    units = [len(b["prompts"]) for b in seen]
-    work_done = [step_work(trainer.policy.config, trainer.loss_sequences(b), b["sequences"], live) for b in seen]
-    computed, flops = [n for n, _ in work_done], [f for _, f in work_done]
+        started = time.perf_counter()
+        logged = trainer.train_step([batch])
+        times.append(time.perf_counter() - started)
+        units.append(batch.size)
+        tokens.append(logged["tokens/s"] * logged["s/step"])
+        computed.append(logged["computed_tokens/s"] * logged["s/step"])
+        positions.append(computed[-1] / (1 - logged["padding_fraction"]))
+        flops.append(logged["mfu"] * logged["s/step"] * trainer.peak_flops)
     w = spec["warmup"]
+    forwards = 1 if spec["cached"] else 2  # a live reference forwards every sequence the policy forwards, once more
     out = summarize(times, tokens, units, w)
-    out.update(reference_pass_s=reference_pass["seconds"], padding_fraction=sum(padding[w:]) / len(padding[w:]),
-               sharing_saving=1 - sum(computed[w:]) / sum(tokens[w:]),
-               mfu=throughput.mfu(sum(flops[w:]), sum(times[w:]), throughput.peak_flops(None, torch.device("cpu"))))
+    out.update(reference_pass_s=reference_pass["seconds"], padding_fraction=1 - sum(computed[w:]) / sum(positions[w:]),
+               sharing_saving=1 - sum(computed[w:]) / (forwards * sum(tokens[w:])),
+               mfu=sum(flops[w:]) / sum(times[w:]) / trainer.peak_flops)
     return out
 
 
 @contextlib.contextmanager
 def timed_reference_pass():
-    """Time `ref_cache.build` (the cache pass `train.setup` runs) by wrapping the real function."""
-    import ref_cache
+    """Time `ref_cache.build` (the cache pass `builders.build_trainer` runs) by wrapping the real function."""
+    from feedbackalign import ref_cache
 
     record = {"seconds": None}
     build = ref_cache.build
@@ -141,33 +139,14 @@ def timed_reference_pass():
 
 
 def run_setup(spec: dict, work: Path) -> dict:
-    """Only `train.setup` with the reference cache pass, whose seconds are returned."""
+    """Only `builders.build_trainer` with the reference cache pass, whose seconds are returned."""
     import torch
 
-    import train
+    from feedbackalign import builders
 
     with timed_reference_pass() as reference_pass:
-        train.setup(compose(spec, work), 0, 1, torch.device("cpu"))
+        builders.build_trainer(compose(spec, work), 0, 1, torch.device("cpu"))
     return {"reference_pass_s": reference_pass["seconds"]}
-
-
-def step_work(config, trained, sequences, live: bool) -> tuple[int, float]:
-    """(positions our policy forwards compute, model FLOPs of the step) in the packed layout: the loss's
-    sequences get forward + backward; the rest (KTO's KL partners) a no-grad policy forward; a live reference
-    forwards all. Each forward shares prompts within itself and computes logits at response positions only."""
-    from logprobs import pack
-    from throughput import causal_context, forward_flops, training_flops
-
-    rest = list(sequences[len(trained):])
-    computed, flops = 0, 0.0
-    for seqs, with_grad in [(list(trained), True)] + ([(rest, False)] if rest else []):
-        n = pack(seqs).input_ids.shape[1]
-        context = causal_context(len(s.prompt_ids) + len(s.response_ids) for s in seqs)
-        logits = sum(len(s.response_ids) for s in seqs)
-        computed += n
-        flops += (training_flops if with_grad else forward_flops)(config, n, context, logits)
-        flops += forward_flops(config, n, context, logits) if live else 0.0
-    return computed, flops
 
 
 # ---------------------------------------------------------------- TRL
@@ -175,17 +154,14 @@ def step_work(config, trained, sequences, live: bool) -> tuple[int, float]:
 
 def trl_rows(spec: dict, work: Path):
     """The pairs of our loader's first steps, in order, as TRL's pre-tokenised columns (+ config, tokenizer)."""
-    import models
-    import train
+    from feedbackalign import builders
 
     cfg = compose(spec, work)
-    tokenizer = models.load_tokenizer(cfg.model.tokenizer_name_or_path)
-    loader = train.make_loader(cfg, tokenizer, train.load_datasets(cfg, "train"), split="train", rank=0,
-                               world_size=1, train=True)
+    tokenizer = builders.build_tokenizer(cfg)
+    loader = builders.build_loader(cfg, tokenizer, split="train", train=True)
     rows = []
     for batch, _ in zip(loader, range(spec["warmup"] + spec["steps"])):
-        b = len(batch["prompts"])
-        for c, r in zip(batch["sequences"][:b], batch["sequences"][b:]):
+        for c, r in zip(batch.parts["chosen"], batch.parts["rejected"]):
             rows.append({"prompt_ids": list(c.prompt_ids), "chosen_ids": list(c.response_ids),
                          "rejected_ids": list(r.response_ids)})
     return rows, cfg, tokenizer
@@ -197,8 +173,8 @@ def run_trl(spec: dict, work: Path) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    import models
-    import throughput
+    from feedbackalign import models
+    from feedbackalign import throughput
 
     rows, cfg, tokenizer = trl_rows(spec, work)
 
@@ -267,8 +243,8 @@ def reference_agreement(dataset, reference) -> float:
     score the same sequences the same way."""
     import torch
 
-    from dataloader import Sequence
-    from logprobs import packed_logps
+    from feedbackalign.batches import Sequence
+    from feedbackalign.logprobs import packed_logps
 
     worst = 0.0
     with torch.no_grad():
@@ -302,7 +278,7 @@ def run_one(spec: dict) -> dict:
 
 def launch(spec: dict) -> dict:
     """`run_one` in a fresh interpreter; its figures come back as the last line of stdout."""
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "showcase.benchmark", "--one", json.dumps(spec)], cwd=REPO,
                           capture_output=True, text=True, env={**os.environ, **OFFLINE})
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
@@ -352,16 +328,19 @@ def synthetic(groups: int, k: int, prompt: int, response: int, seed: int = 0):
     """`groups` prompts of `prompt` random tokens, each with `k` responses of `response` tokens."""
     import torch
 
-    from dataloader import Sequence
+    from feedbackalign.batches import Sequence
 
     g = torch.Generator().manual_seed(seed)
-    ids = lambda n: tuple(torch.randint(10, 4000, (n,), generator=g).tolist())  # noqa: E731
+
+    def ids(n):
+        return tuple(torch.randint(10, 4000, (n,), generator=g).tolist())
+
     return [Sequence(p, ids(response)) for p in (ids(prompt) for _ in range(groups)) for _ in range(k)]
 
 
 def time_forward_backward(model, sequences, layout: str, repeats: int) -> float:
     """Best seconds of one policy forward + backward of `sequences` in `layout`."""
-    from logprobs import sequence_logps
+    from feedbackalign.logprobs import sequence_logps
 
     best = float("inf")
     for _ in range(repeats + 1):  # the first is a warmup
@@ -390,7 +369,7 @@ def scaling_rows(model, repeats: int) -> tuple[list[str], list[str]]:
 
 
 def cache_pass_rows(args) -> list[str]:
-    """Seconds of the reference cache pass (`ref_cache.build` inside `train.setup`) against DPO pairs."""
+    """Seconds of the reference cache pass (`ref_cache.build` inside `builders.build_trainer`) against DPO pairs."""
     dataset = "hh" if (args.data_dir / "hh_rlhf").is_dir() else "wordsort"
     rows = [f"| {dataset} pairs | sequences | cache pass s | pairs/s |", "|---|---|---|---|"]
     for pairs in (64, 128, 256, 512):
@@ -415,14 +394,14 @@ def profile_rows(args) -> list[str]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import train
+    from feedbackalign import builders
 
     dataset = "hh" if (args.data_dir / "hh_rlhf").is_dir() else "wordsort"
     spec = {"batch": args.batch, "max_length": args.max_length, "steps": 4, "warmup": 1, "threads": args.threads,
             "data_dir": str(args.data_dir), "layout": "packed", "k": args.k, "loss": "dpo", "dataset": dataset,
             "cached": True}
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
-        trainer = train.setup(compose(spec, Path(tmp)), 0, 1, torch.device("cpu"))
+        trainer = builders.build_trainer(compose(spec, Path(tmp)), 0, 1, torch.device("cpu"))
         batches = iter(trainer.train_loader)
         trainer.train_step([next(batches)])
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -441,7 +420,7 @@ def profile_rows(args) -> list[str]:
 def scaling_report(args) -> str:
     import torch
 
-    import models
+    from feedbackalign import models
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -476,7 +455,6 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.one:
-        sys.path.insert(0, str(REPO))
         print(json.dumps(run_one(json.loads(args.one))), flush=True)
         return
     if args.scaling:

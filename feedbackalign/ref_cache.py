@@ -31,10 +31,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoints import plain_name
-from dataloader import Sequence
-from feedback import DataError
-from logprobs import TokenLogps, sequence_logps
+from feedbackalign.checkpoints import plain_name
+from feedbackalign.batches import Sequence
+from feedbackalign.errors import CheckpointError
+from feedbackalign.logprobs import TokenLogps, sequence_logps
+from feedbackalign.models import is_lora
 
 QUERY_CHUNK = 500  # keys per SQL `IN (...)` (SQLite's variable limit is larger; this keeps statements short)
 
@@ -97,7 +98,7 @@ class ReferenceCache:
             if create:
                 self.directory.mkdir(parents=True, exist_ok=True)
             elif not self.path.is_file():
-                raise DataError(f"reference cache {self.path} is not visible on this process: put "
+                raise CheckpointError(f"reference cache {self.path} is not visible on this process: put "
                                 "reference_cache_dir on a filesystem every node shares")
             self.db = sqlite3.connect(self.path, timeout=600, check_same_thread=False)
             if create:
@@ -105,7 +106,7 @@ class ReferenceCache:
                                 "(key BLOB PRIMARY KEY, n INTEGER NOT NULL, logps BLOB NOT NULL)")
                 self.db.commit()
         except (OSError, sqlite3.Error) as e:
-            raise DataError(f"reference_cache_dir={self.directory}: cannot open {self.path.name} ({e}); point "
+            raise CheckpointError(f"reference_cache_dir={self.directory}: cannot open {self.path.name} ({e}); point "
                             "reference_cache_dir at a writable directory or delete the damaged file") from None
 
     def key(self, sequence) -> bytes:
@@ -126,9 +127,6 @@ class ReferenceCache:
         with self.db:
             self.db.executemany("INSERT OR IGNORE INTO logps VALUES (?, ?, ?)", rows)
 
-    def insert(self, keys: list[bytes], values: TokenLogps) -> None:
-        self.insert_rows(token_rows(keys, values))
-
     def lookup(self, sequences, device=None) -> TokenLogps:
         """Token log-probs of `sequences`, response-aligned, from disk; a miss means the cache pass missed it."""
         keys = [self.key(s) for s in sequences]
@@ -137,7 +135,7 @@ class ReferenceCache:
         rows = []
         for key, seq in zip(keys, sequences):
             if key not in found or len(found[key]) != len(seq.response_ids):
-                raise DataError(f"reference cache {self.path} has no entry for a sequence of this run; delete the "
+                raise CheckpointError(f"reference cache {self.path} has no entry for a sequence of this run; delete the "
                                 "file and rerun to rebuild it")
             rows.append(torch.from_numpy(found[key].copy()))
         return TokenLogps.from_rows(rows, device=device)
@@ -149,8 +147,9 @@ class ReferenceCache:
         self.db.close()
 
 
-def all_sequences(loaders) -> list:
-    """Every sequence the run will see, in this rank's share: iterate each loader once and put it back."""
+def all_sequences(loaders, parts=None) -> list:
+    """Every sequence of the named batch `parts` (None: all) the run will see, in this rank's share: iterate each
+    loader once and put it back."""
     seen = {}
     for loader in loaders:
         if loader is None:
@@ -158,7 +157,7 @@ def all_sequences(loaders) -> list:
         state = loader.state_dict()
         loader.load_state_dict({**state, "next_step": 0})
         for batch in loader:
-            for s in batch["sequences"]:
+            for s in batch.sequences(parts):
                 seen.setdefault((s.prompt_ids, s.response_ids), s)
         loader.load_state_dict(state)
     return list(seen.values())
@@ -186,8 +185,8 @@ def plan(cache, sequences, rank: int, world_size: int) -> tuple[list, int, int]:
 
 
 @torch.no_grad()
-def fill(cache, model, sequences, pad_token_id: int, *, layout: str, row_tokens: int, batch_sequences: int,
-         context=None, rank: int = 0, world_size: int = 1, sharded: bool = False) -> tuple[int, int]:
+def fill(cache, model, sequences, pad_token_id: int, *, layout: str, batch_sequences: int, context=None,
+         rank: int = 0, world_size: int = 1, sharded: bool = False) -> tuple[int, int]:
     """Compute and store the missing entries among every rank's `sequences`; returns global (hits, misses).
 
     Every rank runs the same number of rounds (a sharded reference needs every rank in each forward; a rank
@@ -205,11 +204,11 @@ def fill(cache, model, sequences, pad_token_id: int, *, layout: str, row_tokens:
             chunk = todo[i * batch_sequences: (i + 1) * batch_sequences]
             rows = []
             if chunk:
-                values = sequence_logps(model, [s for _, s in chunk], pad_token_id, layout, row_tokens)
+                values = sequence_logps(model, [s for _, s in chunk], pad_token_id, layout)
                 rows = token_rows([k for k, _ in chunk], values)
             elif sharded:
                 sequence_logps(model, [sequences[0] if sequences else Sequence((pad_token_id,), (pad_token_id,))],
-                               pad_token_id, layout, row_tokens)
+                               pad_token_id, layout)
             if world_size > 1:
                 parts = [None] * world_size if rank == 0 else None
                 dist.gather_object(rows, parts, dst=0)
@@ -220,19 +219,20 @@ def fill(cache, model, sequences, pad_token_id: int, *, layout: str, row_tokens:
     return hits, misses
 
 
-def build(cfg, tokenizer, model, identity: str, loaders, *, rank: int, world_size: int,
+def build(cfg, tokenizer, model, identity: str, loaders, *, parts=None, rank: int, world_size: int,
           sharded: bool = False) -> ReferenceCache:
-    """The cache pass before training: every sequence of the run, sharded across ranks; prints hits/misses.
+    """The cache pass before training: every sequence of the batches' `parts` (the ones the trainer scores with
+    the reference; None: all) of the run, sharded across ranks; prints hits/misses.
 
     `model` is the reference (or, for LoRA, the policy, whose adapters are disabled here); `identity` comes
     from `reference_identity` (taken before sharding)."""
     tokenizer_id = tokenizer_fingerprint(tokenizer)
     started = time.perf_counter()
     writer = open_writer(cfg.reference_cache_dir, identity, tokenizer_id, rank, world_size)
-    sequences = all_sequences(loaders)
-    context = model.disable_adapter() if hasattr(model, "disable_adapter") else None
+    sequences = all_sequences(loaders, parts)
+    context = model.disable_adapter() if is_lora(model) else None
     hits, misses = fill(writer if writer is not None else _KeyOnly(identity, tokenizer_id), model, sequences,
-                        tokenizer.pad_token_id, layout=cfg.model.forward_layout, row_tokens=cfg.model.pack_tokens,
+                        tokenizer.pad_token_id, layout=cfg.model.forward_layout,
                         batch_sequences=max(2, 2 * cfg.model.eval_batch_size // max(world_size, 1)),
                         context=context, rank=rank, world_size=world_size, sharded=sharded)
     if world_size > 1:
@@ -251,12 +251,12 @@ def open_writer(directory, identity: str, tokenizer_id: str, rank: int, world_si
     if rank == 0:
         try:
             writer = ReferenceCache(directory, identity, tokenizer_id, create=True)
-        except DataError as e:
+        except CheckpointError as e:
             error[0] = str(e)
     if world_size > 1:
         dist.broadcast_object_list(error, src=0)
     if error[0]:
-        raise DataError(error[0])
+        raise CheckpointError(error[0])
     return writer
 
 

@@ -1,9 +1,9 @@
 """`make demo`: the embedded default end to end, offline, on CPU, with a report of what each loss achieved.
 
-    python demo.py                      # full demo -> demo_out/report/ (about 11 min on 2 free CPU cores)
-    python demo.py --quick              # a reduced pipeline in a few minutes (what tests/test_demo.py runs)
-    python demo.py --runs dpo,nca       # only some alignment runs (SFT always runs: it is their starting point)
-    python demo.py --set nca:loss.beta=0.5 --set dpo:lr=2e-4    # extra train.py overrides for one loss
+    python -m showcase.demo                  # full demo -> demo_out/report/ (about 20 min on 2 CPU cores)
+    python -m showcase.demo --quick          # a reduced pipeline in a few minutes (what tests/test_demo.py runs)
+    python -m showcase.demo --runs dpo,nca   # only some alignment runs (SFT always runs: their starting point)
+    python -m showcase.demo --set nca:loss.beta=0.5 --set dpo:lr=2e-4    # extra train.py overrides for one loss
 
 The CPU-scale analogue of the DPO paper's controlled experiment (Rafailov et al. 2023, Sec. 6.1): the built-in
 `wordsort` task (task.py) has a known true reward, so the demo measures how much each loss raises it over SFT.
@@ -33,7 +33,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent
+from feedbackalign.fileio import write_json_atomic
+
+REPO = Path(__file__).resolve().parents[1]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "TOKENIZERS_PARALLELISM": "false"}
 
@@ -108,7 +110,7 @@ class DemoError(Exception):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="demo.py", description="The embedded default end to end, with a report.")
+    p = argparse.ArgumentParser(prog="python -m showcase.demo", description="The embedded default end to end, with a report.")
     p.add_argument("--out", type=Path, default=REPO / "demo_out", help="output folder (default demo_out/)")
     p.add_argument("--quick", action="store_true", help="reduced pipeline (a few minutes): what the tests run")
     p.add_argument("--runs", default=None,
@@ -284,10 +286,10 @@ class Runner:
             if code != 0:
                 tail = log.read_text(encoding="utf-8", errors="replace").replace("\r", "\n").splitlines()[-15:]
                 raise DemoError(f"stage '{name}' failed (exit {code}); the end of {log}:\n  " + "\n  ".join(tail)
-                                + "\nFix it and rerun `python demo.py` (finished stages are kept)")
+                                + "\nFix it and rerun `python -m showcase.demo` (finished stages are kept)")
             self.timings[name] = {"wall": time.perf_counter() - began, "cpu": cpu, "start": time.time() -
                                   (time.perf_counter() - began), "end": time.time()}
-            write_json(self.path("stages", name, ".json"), {"argv": argv_of[name][1:], **self.timings[name]})
+            write_json_atomic(self.path("stages", name, ".json"), {"argv": argv_of[name][1:], **self.timings[name]})
             self.say(f"done  {name} in {self.timings[name]['wall']:.0f} s ({cpu:.0f} CPU s)")
 
     def run(self, stages: list[Stage], poll: float = 0.5, every: float = 15.0) -> None:
@@ -339,13 +341,6 @@ def machine(jobs: int) -> str:
             + f", torch {torch.__version__}, Python {platform.python_version()}")
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write JSON beside `path` and rename it into place: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def plan(scale: Scale, out: Path, runs: list[str], overrides: dict[str, list[str]], args) -> list[Stage]:
     """SFT, then every alignment run from its checkpoint, each model's samples, and the judge where configured."""
     def policy(name):
@@ -384,7 +379,7 @@ def run_demo(args) -> Path:
         runner.say("no LLM judge configured (set OPENAI_BASE_URL or pass --judge-url): compare.py skipped; "
                    "the true reward scores every answer")
     runner.run(plan(scale, out, runs, overrides, args))
-    write_json(out / "manifest.json", {
+    write_json_atomic(out / "manifest.json", {
         "machine": machine(args.jobs), "runs": {n: f"runs/{n}" for n in models},
         "losses": {"sft": "sft", **{n: RUNS[n][0] for n in runs}},
         "samples": {n: f"samples/{n}.json" for n in models}, "overrides": overrides, "timings": runner.timings,
@@ -393,7 +388,7 @@ def run_demo(args) -> Path:
                      "temperature": TEMPERATURE, "jobs": args.jobs,
                      **{k: getattr(scale, k) for k in ("sft_examples", "align_examples", "batch_size")}},
     })
-    import report
+    from showcase import report
 
     runner.say("scoring and writing the report")
     path = report.build(out)
@@ -403,7 +398,7 @@ def run_demo(args) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from feedback import DataError
+    from feedbackalign.errors import DataError
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
@@ -416,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: error: {e.strerror or e}: {e.filename or args.out}; choose another --out", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("demo: interrupted; rerun `python demo.py` to resume (finished stages are kept)", file=sys.stderr)
+        print("demo: interrupted; rerun `python -m showcase.demo` to resume (finished stages are kept)", file=sys.stderr)
         return 130
     return 0
 

@@ -1,0 +1,272 @@
+"""From a config to the objects of a run: trainer and DataLoader classes (checked against each other), datasets,
+tokenizer, loaders, policy (LoRA, QLoRA, `load_from`), reference, sharding, the reference cache, the trainer.
+
+train.py, eval.py, the showcase and the tests build through these functions only, so a run, its evaluation and
+the benchmark construct the same things the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import importlib.util
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import dataloader
+import trainers
+from feedbackalign import checkpoints, distributed, getters, models, ref_cache
+from feedbackalign.configuration import as_dict
+from feedbackalign.errors import ConfigError, EnvError
+
+# ---------------------------------------------------------------- classes named by the loss config
+
+
+def class_by_name(module, name: str, base: type, key: str) -> type:
+    """Resolve `name` to a subclass of `base` defined in `module`, or fail listing the valid names."""
+    found = getattr(module, str(name), None)
+    if isinstance(found, type) and issubclass(found, base) and found is not base:
+        return found
+    valid = sorted(n for n, c in vars(module).items() if isinstance(c, type) and issubclass(c, base) and c is not base
+                   and getattr(c, "batch_kind", ""))
+    raise ConfigError(f"{key}={name} is not a {base.__name__} in {module.__name__}.py; valid: {', '.join(valid)}")
+
+
+def trainer_class(cfg: DictConfig) -> type:
+    return class_by_name(trainers, cfg.loss.trainer, trainers.BasicTrainer, "loss.trainer")
+
+
+def dataloader_class(cfg: DictConfig, trainer: type) -> type:
+    """The loss's DataLoader (`loss.dataloader`, else the trainer's default), which must yield the kind of batch
+    the trainer reads: a mismatch fails here, naming both, before anything is built."""
+    name = cfg.loss.get("dataloader") or trainer.default_dataloader
+    loader = class_by_name(dataloader, name, dataloader.DataLoader, "loss.dataloader")
+    if loader.batch_kind != trainer.batch_kind:
+        fitting = sorted(n for n, c in vars(dataloader).items() if isinstance(c, type)
+                         and issubclass(c, dataloader.DataLoader) and c.batch_kind == trainer.batch_kind)
+        raise ConfigError(f"loss={cfg.loss.name} ({trainer.__name__}) trains on '{trainer.batch_kind}' batches but "
+                          f"loss.dataloader={name} yields '{loader.batch_kind}' batches: use "
+                          f"{' or '.join(fitting)}")
+    return loader
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_datasets(cfg: DictConfig, split: str) -> list:
+    options = as_dict(cfg.get("dataset_options"))
+    return [getters.get_dataset(name, split, data_dir=cfg.data_dir, **options.get(name, {})) for name in cfg.datasets]
+
+
+def build_tokenizer(cfg: DictConfig):
+    return models.load_tokenizer(cfg.model.tokenizer_name_or_path)
+
+
+def build_loader(cfg: DictConfig, tokenizer, *, split: str, train: bool, rank: int = 0, world_size: int = 1,
+                 datasets=None):
+    """The loss's DataLoader over `datasets` (default: cfg.datasets' `split`): the training loader (global batch,
+    accumulation, epochs, shuffled) or an evaluation loader (eval_batch_size, one pass, in order)."""
+    loader_class = dataloader_class(cfg, trainer_class(cfg))
+    m = cfg.model
+    options = as_dict(cfg.loss.get("data"))
+    return loader_class(
+        load_datasets(cfg, split) if datasets is None else datasets, tokenizer, split=split, rank=rank,
+        world_size=world_size, seed=cfg.seed, batch_size=m.batch_size if train else m.eval_batch_size,
+        gradient_accumulation_steps=m.gradient_accumulation_steps if train else 1,
+        max_length=m.max_length, max_prompt_length=m.max_prompt_length,
+        n_epochs=cfg.n_epochs if train else 1, n_examples=cfg.n_examples if train else cfg.n_eval_examples,
+        shuffle=train, prompt_format=dataloader.PromptFormat.from_config(m),
+        **{k: v for k, v in options.items() if v is not None})
+
+
+# ---------------------------------------------------------------- models
+
+
+def model_dtype(name: str, device: torch.device) -> torch.dtype:
+    dtype = models.torch_dtype(name)
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        warnings.warn(f"{name} on CPU is slow or unsupported here; using float32 (set model.policy_dtype=float32)")
+        return torch.float32
+    return dtype
+
+
+def build_policy(cfg: DictConfig, tokenizer, device: torch.device, *, load_from=None, lora=None, in_4bit=None,
+                 activation_checkpointing=None):
+    """The policy: built (or loaded in 4 bits for QLoRA), `load_from` weights, LoRA adapters, checkpointing.
+    The keyword arguments override the config's model.load_from / model.lora.enabled / model.lora.load_in_4bit /
+    model.activation_checkpointing (eval.py rebuilds a run's model with other choices)."""
+    m = cfg.model
+    if m.lora.load_in_4bit and not m.lora.enabled:
+        raise ConfigError("model.lora.load_in_4bit=true is QLoRA and trains adapters only: set "
+                          "model.lora.enabled=true")
+    load_from = m.load_from if load_from is None else load_from
+    lora = m.lora.enabled if lora is None else lora
+    quantized = lora and (m.lora.load_in_4bit if in_4bit is None else in_4bit)
+    if quantized:
+        policy = load_4bit(cfg, device)
+    else:
+        policy = models.build_model(m.name_or_path, model_dtype(m.policy_dtype, device), seed=m.init_seed,
+                                    attn_implementation=m.attn_implementation, vocab_size=len(tokenizer))
+    if load_from:
+        state = checkpoints.load_policy_weights(load_from)
+        try:
+            missing, unexpected = policy.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # a shape mismatch: another model's checkpoint
+            raise ConfigError(f"model.load_from={load_from} does not fit model={m.name}: "
+                              f"{str(e).splitlines()[-1].strip()}") from None
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise ConfigError(f"model.load_from={load_from} does not match model={m.name}: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    if lora:
+        policy = lora_wrap(policy, m.lora)
+    if m.activation_checkpointing if activation_checkpointing is None else activation_checkpointing:
+        distributed.enable_activation_checkpointing(policy)
+    return policy if quantized else policy.to(device)  # a 4-bit model is placed by from_pretrained
+
+
+def lora_wrap(policy, lora_cfg):
+    """peft LoRA adapters (Hu et al. 2021); the reference is the same model with adapters disabled."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(policy, config)
+    except ValueError as e:
+        raise ConfigError(f"model.lora.target_modules={list(lora_cfg.target_modules)} do not fit "
+                          f"{type(policy).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def load_4bit(cfg: DictConfig, device: torch.device):
+    """QLoRA (Dettmers et al. 2023): the base in 4-bit NF4 via bitsandbytes, bf16 compute, bf16 storage (so
+    FSDP2 can shard it), prepared for k-bit training. Needs CUDA, bitsandbytes and a pretrained model."""
+    m = cfg.model
+    if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+        raise EnvError("model.lora.load_in_4bit=true needs a CUDA GPU and the bitsandbytes package (pip install "
+                       "bitsandbytes); set model.lora.load_in_4bit=false to train LoRA on full-precision weights")
+    if m.name_or_path == models.TINY_NAME or m.load_from:
+        raise ConfigError("model.lora.load_in_4bit=true loads a pretrained model directory or hub name: the "
+                          "embedded tiny model and model.load_from are not supported with it")
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            m.name_or_path, quantization_config=quant, dtype=torch.bfloat16, device_map={"": device},
+            attn_implementation=models.attention_implementation(m.attn_implementation))
+    except OSError as e:
+        raise EnvError(f"cannot load model '{m.name_or_path}' in 4 bits: {str(e).splitlines()[0]}") from None
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(m.activation_checkpointing))
+
+
+def build_reference(cfg: DictConfig, tokenizer, device: torch.device, *, policy, policy_is_initial: bool):
+    """The frozen reference: the run's starting weights (model.load_from, else the base) in reference_dtype;
+    a copy of `policy` when it still holds them (`policy_is_initial`), else rebuilt. None when the loss needs no
+    reference or `policy` is a LoRA model (its reference is itself with adapters disabled: no second model)."""
+    if not trainer_class(cfg).uses_reference or models.is_lora(policy):
+        return None
+    if policy_is_initial:
+        reference = copy.deepcopy(policy)
+    else:
+        reference = build_policy(cfg, tokenizer, device, lora=False, activation_checkpointing=False)
+    reference = reference.to(model_dtype(cfg.model.reference_dtype, device))
+    reference.eval()
+    return reference.requires_grad_(False)
+
+
+def use_fsdp(cfg: DictConfig, world_size: int) -> bool:
+    if cfg.use_fsdp not in ("auto", True, False):
+        raise ConfigError(f"use_fsdp={cfg.use_fsdp} is not one of auto, true, false")
+    return world_size > 1 and cfg.use_fsdp in ("auto", True)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
+        torch.use_deterministic_algorithms(True)
+
+
+def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """(run_dir, resume_from). Refuses to mix a new run into an existing directory."""
+    run_dir = Path(cfg.cache_dir) / cfg.exp_name
+    resume = cfg.resume
+    if resume is True or (isinstance(resume, str) and resume.lower() == "true"):
+        checkpoints.latest_dir(run_dir)  # fail now, not after loading models, when there is nothing to resume
+        return run_dir, run_dir
+    if resume:
+        checkpoints.latest_dir(resume)
+        return Path(resume), Path(resume)
+    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
+        raise ConfigError(f"run directory {run_dir} already exists: pick another exp_name, resume=true to continue "
+                          "it, or overwrite=true to replace it")
+    return run_dir, None
+
+
+def release_memory() -> None:
+    """Return freed model memory (the reference after the cache pass) to the system / CUDA allocator."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def build_trainer(cfg: DictConfig, rank: int = 0, world_size: int = 1,
+                  device: torch.device = torch.device("cpu")) -> trainers.BasicTrainer:
+    """Everything before the loop: data, models, sharding, reference (live, or a cache pass then freed), run dir,
+    resume. Order matters: weights are broadcast and fingerprinted before sharding; the cache pass runs on the
+    sharded reference."""
+    seed_everything(cfg.seed, cfg.deterministic)
+    run_dir, resume_from = resolve_run_dir(cfg)
+    trainer_cls = trainer_class(cfg)
+    dataloader_class(cfg, trainer_cls)
+    sharded = use_fsdp(cfg, world_size)
+    tokenizer = build_tokenizer(cfg)
+    train_loader = build_loader(cfg, tokenizer, split="train", train=True, rank=rank, world_size=world_size)
+    eval_loader = build_loader(cfg, tokenizer, split="test", train=False, rank=rank, world_size=world_size) \
+        if cfg.n_eval_examples else None
+    policy = build_policy(cfg, tokenizer, device)
+    if not models.is_quantized(policy):
+        distributed.broadcast_parameters(policy)
+    reference = build_reference(cfg, tokenizer, device, policy=policy, policy_is_initial=True)
+    caching = bool(cfg.cache_reference_logprobs and trainer_cls.uses_reference)
+    identity = ref_cache.reference_identity(reference if reference is not None else policy, world_size) \
+        if caching else None
+    heads = trainer_cls.make_heads(policy)
+    for head in heads.values():
+        distributed.broadcast_parameters(head)
+    if sharded:
+        mixed = device.type == "cuda" and cfg.model.policy_dtype == "bfloat16"
+        policy = distributed.shard(policy, device, cfg.model.block_name, mixed)
+        if reference is not None:
+            reference = distributed.shard(reference, device, cfg.model.block_name, mixed)
+    reference_cache = None
+    if caching:
+        reference_cache = ref_cache.build(cfg, tokenizer, reference if reference is not None else policy, identity,
+                                          [train_loader, eval_loader], parts=trainer_cls.reference_parts, rank=rank,
+                                          world_size=world_size, sharded=sharded)
+        reference = None  # the cache serves every reference log-prob from here on
+        release_memory()
+    if rank == 0:
+        if resume_from is None and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    trainer = trainer_cls(cfg, tokenizer, policy, reference, train_loader, eval_loader, run_dir, rank=rank,
+                          world_size=world_size, reference_cache=reference_cache, heads=heads)
+    if resume_from is not None:
+        trainer.resume_from(resume_from)
+    return trainer

@@ -1,0 +1,50 @@
+"""Errors a user can cause and fix, by kind. Each message is one line that names the file, record or config key
+and says what to do; the entry points print it as `<program>: error: <message>` and exit with code 2, without a
+traceback (`exit_on_user_error`). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+USER_ERROR_EXIT = 2
+
+
+class UserError(Exception):
+    """Base of every error the user can fix; never raised itself."""
+
+
+class DataError(UserError, ValueError):
+    """A dataset, file, record or field the user gave is malformed or does not fit the loss."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration key or value cannot run; the message names the key and the valid choices."""
+
+
+class EnvError(UserError, RuntimeError):
+    """This machine lacks something the run needs: a GPU, a package, hub access, disk space."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A run directory, checkpoint or cache file cannot be read or written as asked."""
+
+
+class TrainingError(UserError, RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps); the message says why and what was kept."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message on one line (whitespace runs collapsed)."""
+    return " ".join(str(error).split())
+
+
+@contextmanager
+def exit_on_user_error(program: str):
+    """Print a UserError as `<program>: error: <message>` on stderr and exit 2; let anything else propagate."""
+    try:
+        yield
+    except UserError as e:
+        print(f"{program}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT)
