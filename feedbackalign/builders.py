@@ -113,7 +113,8 @@ def build_policy(cfg: DictConfig, tokenizer, device: torch.device, *, load_from=
         policy = load_4bit(cfg, device)
     else:
         policy = models.build_model(m.name_or_path, model_dtype(m.policy_dtype, device), seed=m.init_seed,
-                                    attn_implementation=m.attn_implementation, vocab_size=len(tokenizer))
+                                    attn_implementation=m.attn_implementation, vocab_size=len(tokenizer),
+                                    architecture=m.architecture)
     if load_from:
         state = checkpoints.load_policy_weights(load_from)
         try:

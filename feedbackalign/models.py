@@ -1,28 +1,33 @@
-"""Model and tokenizer construction: the embedded tiny Llama (no download) and real hub/local models.
+"""Model and tokenizer construction: the embedded tiny Llama (no download), real hub/local models, and real
+architectures with random weights.
 
 `tiny` is a 5.25M-parameter Llama (hidden 256, 4 layers, 4 heads, MLP 1024, tied embeddings, vocab 4096),
 initialised from a seed, with the byte-level BPE tokenizer committed in assets/tiny/ (built by
 tools/build_tiny_tokenizer.py). It is what `python train.py` trains with no arguments, fp32 on CPU.
+
+`assets/architectures/<name>.json` are the exact shapes of the models the configs name (Mistral-7B, Llama 1/2/3,
+Pythia, tiny), as Hugging Face config fields, shipped so that a real architecture can be built with no hub
+access: `model.name_or_path=random` builds `model.architecture` with seeded random weights (tests, GPU checks),
+and a model can be built on the meta device (no memory) to plan a run.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from feedbackalign.errors import ConfigError, EnvError
 
-TINY_NAME = "tiny"
-TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
-TINY_CONFIG = dict(
-    vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
-    bos_token_id=None, eos_token_id=0, pad_token_id=1,
-)
+TINY_NAME = "tiny"        # the embedded model: architecture "tiny" with seeded weights, and its committed tokenizer
+RANDOM_NAME = "random"    # model.name_or_path=random: model.architecture with seeded random weights
+ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_DIR = ASSETS / "tiny"
+ARCHITECTURES_DIR = ASSETS / "architectures"
 CONTROL_TOKENS = ["<|good|>", "<|bad|>"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -64,16 +69,40 @@ def attention_implementation(requested: str) -> str:
     return requested
 
 
+def architectures() -> list[str]:
+    return sorted(p.stem for p in ARCHITECTURES_DIR.glob("*.json"))
+
+
+def architecture_config(name: str):
+    """The Hugging Face config of a shipped architecture (assets/architectures/<name>.json)."""
+    path = ARCHITECTURES_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ConfigError(f"model.architecture={name} is not a shipped architecture; valid: "
+                          f"{', '.join(architectures())}")
+    fields = json.loads(path.read_text())
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def random_model(architecture: str, dtype: torch.dtype, seed: int = 0, attn_implementation: str = "sdpa"):
+    """`architecture` with weights drawn from `seed` (the model's own initialisation), on the CPU."""
+    config = architecture_config(architecture)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return model.to(dtype)
+
+
 def build_model(name_or_path: str, dtype: torch.dtype, seed: int = 0, attn_implementation: str = "sdpa",
-                vocab_size: int | None = None):
-    """A causal LM: the seeded tiny Llama, or `from_pretrained` of a hub name / local directory."""
+                vocab_size: int | None = None, architecture: str | None = None):
+    """A causal LM: the seeded tiny Llama, a shipped architecture with seeded random weights
+    (`name_or_path=random`), or `from_pretrained` of a hub name / local directory."""
     if name_or_path == TINY_NAME:
-        config = LlamaConfig(**TINY_CONFIG)
-        config._attn_implementation = attn_implementation
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = LlamaForCausalLM(config)
-        return model.to(dtype)
+        return random_model(TINY_NAME, dtype, seed, attn_implementation)
+    if name_or_path == RANDOM_NAME:
+        if not architecture:
+            raise ConfigError("model.name_or_path=random builds model.architecture with random weights: set "
+                              f"model.architecture to one of {', '.join(architectures())}")
+        return random_model(architecture, dtype, seed, attention_implementation(attn_implementation))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=dtype, attn_implementation=attention_implementation(attn_implementation))

@@ -343,7 +343,7 @@ ERRORS = {  # name: (how to make the case, needle in the message)
 
 def other_model(tmp_path) -> Path:
     """A policy.pt of a Llama with another width than model=tiny."""
-    config = LlamaConfig(**{**models.TINY_CONFIG, "hidden_size": 128, "intermediate_size": 256})
+    config = LlamaConfig(**{**models.architecture_config("tiny").to_dict(), "hidden_size": 128, "intermediate_size": 256})
     torch.save({"step_idx": 0, "state": LlamaForCausalLM(config).state_dict(), "metrics": {}}, tmp_path / "other.pt")
     return tmp_path / "other.pt"
 

@@ -27,7 +27,7 @@ def model():
 
 def small_llama(seed=0, attention="sdpa", **overrides):
     """A real Llama, smaller than `tiny` (the tests check the layout's math, not the model's size)."""
-    config = LlamaConfig(**{**models.TINY_CONFIG, "hidden_size": 64, "intermediate_size": 128,
+    config = LlamaConfig(**{**models.architecture_config("tiny").to_dict(), "hidden_size": 64, "intermediate_size": 128,
                             "num_hidden_layers": 2, **overrides})
     config._attn_implementation = attention
     torch.manual_seed(seed)
