@@ -19,7 +19,10 @@ chunks of m items; chunk c goes to rank c % world_size as accumulation microbatc
 (world_size, accumulation) with the same product sees the same microbatches. Each epoch's order is a
 permutation drawn from (seed, epoch), identical on every rank; the final partial global batch of an epoch is
 dropped (a different remainder each epoch when shuffling). `n_examples` (items, as in HALOs) wins over
-`n_epochs`; the run is ceil(n_examples / batch_size) steps and may span epochs.
+`n_epochs`; the run is ceil(n_examples / batch_size) steps and may span epochs. An evaluation loader
+(`drop_last=False`, in order) makes one pass over the first `n_examples` items, its last batch smaller when they
+do not fill one (split as evenly as possible over the processes), so an eval split smaller than a batch is
+evaluated whole.
 
 Resume: `state_dict()` holds the next global step; a step counts as done once its last microbatch has been
 handed out. Every `iter()` starts at step 0, or at the step given to `load_state_dict`.
@@ -204,7 +207,7 @@ class DataLoader:
     def __init__(self, datasets: list[Dataset], tokenizer, *, split: str = "train", batch_size: int,
                  gradient_accumulation_steps: int = 1, rank: int = 0, world_size: int = 1, max_length: int = 512,
                  max_prompt_length: int = 256, seed: int = 0, n_epochs: Optional[int] = None,
-                 n_examples: Optional[int] = None, shuffle: bool = True,
+                 n_examples: Optional[int] = None, shuffle: bool = True, drop_last: bool = True,
                  prompt_format: PromptFormat = PromptFormat(), **loader_options):
         self.name = type(self).__name__
         self.options = self._check_options(loader_options)
@@ -213,6 +216,7 @@ class DataLoader:
         self.rank, self.world_size = int(rank), int(world_size)
         self.max_length, self.max_prompt_length = int(max_length), int(max_prompt_length)
         self.fmt = prompt_format
+        self.drop_last = bool(drop_last)
         self._check_settings(n_epochs, n_examples)
         self.microbatch_size = self.batch_size // (self.world_size * self.accum)
         self._prompt_ids: dict[tuple[str, bool], tuple[int, ...]] = {}
@@ -220,12 +224,21 @@ class DataLoader:
         self._prompt_text: dict[int, tuple[Example, str]] = {}
         self._setup()
         self.items = self._collect(datasets)
+        if not self.drop_last and n_examples is not None:
+            self.items = self.items[:int(n_examples)]   # an evaluation: the first n_examples items, once
         self._buckets = self._bucket_items()
-        self.steps_per_epoch = sum(len(b) // self.batch_size for b in self._buckets)
+        self.steps_per_epoch = len(self.epoch_batches(0))
         if self.steps_per_epoch == 0:
-            raise DataError(f"{self.name}: {self._size_text()} fewer than one global batch (batch_size "
-                            f"{self.batch_size}) on split '{split}'; lower batch_size or add data")
-        if n_examples is not None:
+            need = f"one global batch (batch_size {self.batch_size})" if self.drop_last else \
+                f"one item per process ({self.world_size * self.accum})"
+            raise DataError(f"{self.name}: {self._size_text()} fewer than {need} on split '{split}'; lower "
+                            "batch_size or add data")
+        if not self.drop_last:
+            left = len(self.items) - sum(len(b) for b in self.epoch_batches(0))
+            if left:
+                warnings.warn(f"{self.name}: the last {left} item(s) of split '{split}' are fewer than one per "
+                              f"process ({self.world_size * self.accum}) and are not evaluated")
+        if n_examples is not None and self.drop_last:
             self.total_steps = math.ceil(int(n_examples) / self.batch_size)
         else:
             self.total_steps = self.steps_per_epoch * (int(n_epochs) if n_epochs is not None else 1)
@@ -310,12 +323,16 @@ class DataLoader:
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """The global batches (item indices) of one epoch: each bucket permuted from (seed, epoch) and cut
-        into batch_size chunks (its remainder dropped); with several buckets the batches are then shuffled."""
+        into batch_size chunks, its remainder dropped (drop_last, training) or kept as a last, smaller batch
+        when it holds at least one item per process (evaluation); with several buckets the batches are then
+        shuffled."""
         rng = self._rng(epoch, 0)
         batches = []
         for bucket in self._buckets:
             order = bucket[rng.permutation(len(bucket))] if self.shuffle else bucket
             usable = len(order) // self.batch_size * self.batch_size
+            if not self.drop_last and len(order) - usable >= self.world_size * self.accum:
+                usable = len(order)
             batches += [order[k:k + self.batch_size] for k in range(0, usable, self.batch_size)]
         if self.shuffle and len(self._buckets) > 1:
             batches = [batches[k] for k in rng.permutation(len(batches))]
@@ -327,14 +344,13 @@ class DataLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         batches, batches_epoch = None, -1
-        m = self.microbatch_size
         for step in range(self._start_step, self.total_steps):
             epoch, pos = divmod(step, self.steps_per_epoch)
             if epoch != batches_epoch:
                 batches, batches_epoch = self.epoch_batches(epoch), epoch
+            chunks = np.array_split(batches[pos], self.world_size * self.accum)  # equal, but in a last eval batch
             for micro in range(self.accum):
-                chunk = micro * self.world_size + self.rank
-                out = self.collate([self.items[n] for n in batches[pos][chunk * m:(chunk + 1) * m]])
+                out = self.collate([self.items[n] for n in chunks[micro * self.world_size + self.rank]])
                 out.step, out.micro, out.epoch = step, micro, epoch
                 if micro == self.accum - 1:
                     self._position = step + 1

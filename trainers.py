@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import losses
-from feedbackalign import checkpoints, distributed, throughput
+from feedbackalign import checkpoints, distributed, fileio, throughput
 from feedbackalign.batches import Batch
 from feedbackalign.errors import TrainingError
 from feedbackalign.logprobs import TokenLogps, sequence_logps
@@ -256,8 +256,8 @@ class BasicTrainer:
         if self.rank != 0:
             return
         record = {"step": self.step, "examples": self.examples_seen, **metrics}
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        fileio.append_line(self.metrics_path, json.dumps(record), what="metrics",  # flushed and fsync'd
+                           hint="free space, then resume=true (the last checkpoint is kept)")
         if self.config.wandb.enabled:
             import wandb
 
@@ -306,10 +306,22 @@ class BasicTrainer:
         return checkpoints.TrainState(self.trained_modules, self.optimizer, self.scheduler, progress)
 
     def save(self, intermediate: bool = False) -> None:
+        """A checkpoint (checkpoints.save). One that cannot fit on the disk is refused before anything is written
+        (every rank agrees); one that runs out of space while writing is removed. Either way LATEST still points
+        at the last complete checkpoint and the run stops with one line naming the directory and the bytes
+        needed."""
         cfg = self.config
-        checkpoints.save(self.run_dir, self.train_state(), tokenizer=self.tokenizer, rank=self.rank,
-                         world_size=self.world_size, keep=cfg.keep_checkpoints,
-                         export=cfg.export_hf and not intermediate, merge_lora=cfg.model.lora.merge_on_export)
+        state, export = self.train_state(), cfg.export_hf and not intermediate
+        where, needed = self.run_dir / "checkpoints", checkpoints.checkpoint_bytes(state, export)
+        what = f"checkpoint of step {self.step}"
+        hint = "free space (or lower keep_checkpoints), then resume=true to continue from the last checkpoint"
+        if self.all_reduce_sum(torch.tensor(float(not fileio.has_space(where, needed)), device=self.device)) > 0:
+            raise fileio.out_of_space(where, needed, what, hint)
+        cleanup = (lambda: checkpoints.remove_temporaries(self.run_dir)) if self.rank == 0 else None
+        with fileio.reporting_full_disk(where, needed=needed, what=what, hint=hint, cleanup=cleanup):
+            checkpoints.save(self.run_dir, state, tokenizer=self.tokenizer, rank=self.rank,
+                             world_size=self.world_size, keep=cfg.keep_checkpoints, export=export,
+                             merge_lora=cfg.model.lora.merge_on_export)
 
     def resume_from(self, run_dir) -> None:
         """Policy, heads, optimizer, scheduler, RNG, step and data position from run_dir/LATEST; metrics logged

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import dataloader
 import trainers
-from feedbackalign import checkpoints, distributed, getters, models, ref_cache
+from feedbackalign import checkpoints, distributed, fileio, getters, models, ref_cache, validation
 from feedbackalign.configuration import as_dict
 from feedbackalign.errors import ConfigError, EnvError
 
@@ -82,7 +82,7 @@ def build_loader(cfg: DictConfig, tokenizer, *, split: str, train: bool, rank: i
         gradient_accumulation_steps=m.gradient_accumulation_steps if train else 1,
         max_length=m.max_length, max_prompt_length=m.max_prompt_length,
         n_epochs=cfg.n_epochs if train else 1, n_examples=cfg.n_examples if train else cfg.n_eval_examples,
-        shuffle=train, prompt_format=dataloader.PromptFormat.from_config(m),
+        shuffle=train, drop_last=train, prompt_format=dataloader.PromptFormat.from_config(m),
         **{k: v for k, v in options.items() if v is not None})
 
 
@@ -203,8 +203,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
-    """(run_dir, resume_from). Refuses to mix a new run into an existing directory."""
-    run_dir = Path(cfg.cache_dir) / cfg.exp_name
+    """(run_dir, resume_from). Refuses to mix a new run into an existing directory; with overwrite=true, checks
+    now (before anything is built) that the directory it will replace is a run directory and holds nothing
+    else the run needs (`replace_run_dir` deletes it at the end of the build)."""
+    validation.check_exp_name(cfg.exp_name)
+    run_dir = Path(cfg.cache_dir) / str(cfg.exp_name)
     resume = cfg.resume
     if resume is True or (isinstance(resume, str) and resume.lower() == "true"):
         checkpoints.latest_dir(run_dir)  # fail now, not after loading models, when there is nothing to resume
@@ -212,10 +215,36 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     if resume:
         checkpoints.latest_dir(resume)
         return Path(resume), Path(resume)
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
-        raise ConfigError(f"run directory {run_dir} already exists: pick another exp_name, resume=true to continue "
-                          "it, or overwrite=true to replace it")
+    if is_nonempty_dir(run_dir):
+        if not cfg.overwrite:
+            raise ConfigError(f"run directory {run_dir} already exists: pick another exp_name, resume=true to "
+                              "continue it, or overwrite=true to replace it")
+        check_replaceable(run_dir, cfg)
     return run_dir, None
+
+
+def is_nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def check_replaceable(run_dir: Path, cfg: DictConfig) -> None:
+    """overwrite=true deletes <cache_dir>/<exp_name> only: a real directory (not a link) that train.py made (it has
+    config.yaml) and that does not hold the reference cache."""
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        raise ConfigError(f"overwrite=true: {run_dir} is not a directory train.py made (a link or a file); delete "
+                          "or move it yourself, or pick another exp_name")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"overwrite=true would delete {run_dir}, which is not a run directory (no config.yaml): "
+                          "delete it yourself if you mean it, or pick another exp_name / cache_dir")
+    cache = Path(cfg.reference_cache_dir).resolve()
+    if cache == run_dir.resolve() or run_dir.resolve() in cache.parents:
+        raise ConfigError(f"overwrite=true would delete {run_dir}, which holds reference_cache_dir={cache}: move "
+                          "reference_cache_dir out of the run directory, or pick another exp_name")
+
+
+def replace_run_dir(run_dir: Path) -> None:
+    """Delete the run directory that overwrite=true replaces (checked by `check_replaceable`)."""
+    shutil.rmtree(run_dir)
 
 
 def release_memory() -> None:
@@ -230,8 +259,10 @@ def build_trainer(cfg: DictConfig, rank: int = 0, world_size: int = 1,
     """Everything before the loop: data, models, sharding, reference (live, or a cache pass then freed), run dir,
     resume. Order matters: weights are broadcast and fingerprinted before sharding; the cache pass runs on the
     sharded reference."""
+    validation.validate(cfg, world_size)
     seed_everything(cfg.seed, cfg.deterministic)
     run_dir, resume_from = resolve_run_dir(cfg)
+    replace = resume_from is None and is_nonempty_dir(run_dir)  # overwrite=true, checked by resolve_run_dir
     trainer_cls = trainer_class(cfg)
     dataloader_class(cfg, trainer_cls)
     sharded = use_fsdp(cfg, world_size)
@@ -262,10 +293,13 @@ def build_trainer(cfg: DictConfig, rank: int = 0, world_size: int = 1,
         reference = None  # the cache serves every reference log-prob from here on
         release_memory()
     if rank == 0:
-        if resume_from is None and run_dir.exists():
-            shutil.rmtree(run_dir)
+        if replace:
+            replace_run_dir(run_dir)
+        if resume_from is not None:
+            checkpoints.remove_temporaries(run_dir)  # what saves killed mid-write left
         run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        fileio.write_bytes_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode("utf-8"),
+                                  what="run config")
     trainer = trainer_cls(cfg, tokenizer, policy, reference, train_loader, eval_loader, run_dir, rank=rank,
                           world_size=world_size, reference_cache=reference_cache, heads=heads)
     if resume_from is not None:

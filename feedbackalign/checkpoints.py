@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from feedbackalign import fileio
 from feedbackalign.errors import CheckpointError
 from feedbackalign.models import is_lora, is_quantized
 
@@ -310,11 +311,31 @@ def load_resume_state(run_dir, state: TrainState, *, rank: int = 0, world_size: 
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics.jsonl records after `step` (written by a run killed after its last checkpoint); atomic."""
+    """Drop metrics.jsonl records after `step` (written by a run killed after its last checkpoint) and a torn last
+    line (a crash or a full disk mid-append); rewritten atomically, so the resumed run appends whole lines."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    records, torn = fileio.read_json_lines(path)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if torn or len(kept) < len(records):
+        fileio.write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"),
+                                  what="metrics", hint="free space, then resume=true again")
+
+
+def remove_temporaries(run_dir) -> None:
+    """Remove what dead saves left under <run_dir>/checkpoints/.tmp-* (and a stray .LATEST.* link): called when
+    a run (re)starts in run_dir and when a save fails, so a tight disk is not kept full by half-written saves."""
+    for stale in (Path(run_dir) / "checkpoints").glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for link in Path(run_dir).glob(".LATEST.*"):
+        link.unlink(missing_ok=True)
+
+
+def checkpoint_bytes(state: TrainState, export: bool) -> int:
+    """A lower bound on the bytes a checkpoint of `state` writes: every trained parameter and buffer once at its
+    full (unsharded) size, the optimizer's state tensors, and the weights again for the hf/ export. A 7B policy in
+    bf16 with AdamW (two moments in the parameters' dtype): 14 GB + 28 GB, and 14 GB more for hf/."""
+    weights = sum(t.numel() * t.element_size() for t in [*state.modules.parameters(), *state.modules.buffers()])
+    optimizer = sum(t.numel() * t.element_size() for values in state.optimizer.state.values()
+                    for t in values.values() if torch.is_tensor(t))
+    return weights * (2 if export else 1) + optimizer

@@ -8,9 +8,10 @@ losses needing sums, means or per-token ratios (PPO) are all served. The referen
 same base share entries.
 
 Storage: one SQLite file per identity, `<reference_cache_dir>/<identity>.sqlite`, table
-`logps(key BLOB PRIMARY KEY, n INTEGER, logps BLOB)` with raw little-endian float32 bytes: nothing executable is
-ever loaded. Disk: 4 bytes per response token + ~140 bytes per sequence (key twice, row and B-tree overhead;
-6.2 B/token at HH's 65 tokens a response with the tiny tokenizer, 4.7 at 300). Memory: only the microbatch being
+`logps(key BLOB PRIMARY KEY, n INTEGER, logps BLOB, checksum BLOB)` with raw little-endian float32 bytes and a
+blake2b-64 of (key, n, values) per row, verified at every read: nothing executable is ever loaded, and a damaged
+value is never used. Disk: 4 bytes per response token + ~150 bytes per sequence (key twice, checksum, row and
+B-tree overhead; about 6.3 B/token at HH's 65 tokens a response with the tiny tokenizer, 4.5 at 300). Memory: only the microbatch being
 looked up, (N, L) float32 + bool mask. A lookup is one indexed SELECT per microbatch (~0.1 ms per sequence).
 
 The cache pass (`build`) runs before training: every rank lists the sequences it will see; rank 0 decides which
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -34,10 +36,13 @@ import torch.distributed as dist
 from feedbackalign.checkpoints import plain_name
 from feedbackalign.batches import Sequence
 from feedbackalign.errors import CheckpointError
+from feedbackalign.fileio import reporting_full_disk
 from feedbackalign.logprobs import TokenLogps, sequence_logps
 from feedbackalign.models import is_lora
 
 QUERY_CHUNK = 500  # keys per SQL `IN (...)` (SQLite's variable limit is larger; this keeps statements short)
+CHECKSUM_BYTES = 8  # blake2b digest per row: corruption, not an adversary, is what it guards against
+ROW_OVERHEAD = 160  # disk bytes of a row beyond its values: key twice, checksum, row and B-tree overhead
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -85,8 +90,27 @@ def token_rows(keys: list[bytes], values: TokenLogps) -> list[tuple[bytes, int, 
     return rows
 
 
+def row_checksum(key: bytes, n: int, blob: bytes) -> bytes:
+    """blake2b-64 of (key, n, values): a stored row whose bytes changed on disk no longer matches it."""
+    h = hashlib.blake2b(key, digest_size=CHECKSUM_BYTES)
+    h.update(int(n).to_bytes(8, "little"))
+    h.update(blob)
+    return h.digest()
+
+
+def row_intact(key: bytes, n, blob, checksum) -> bool:
+    """The stored row is whole: n values, and the checksum of (key, n, values) matches."""
+    return (checksum is not None and blob is not None and n is not None and len(blob) == 4 * n
+            and row_checksum(key, n, blob) == checksum)
+
+
 class ReferenceCache:
-    """Lookups and inserts of token-level reference log-probs for one (reference, tokenizer) identity."""
+    """Lookups and inserts of token-level reference log-probs for one (reference, tokenizer) identity.
+
+    Every row carries a checksum of its key and values, verified on every read: SQLite's own integrity check
+    covers the B-tree, not the bytes of a stored value, so a flipped bit there would otherwise be used silently.
+    The cache pass treats a damaged row as missing (recomputed and replaced); a damaged row met during training
+    stops the run with one line naming the file."""
 
     def __init__(self, directory, reference_id: str, tokenizer_id: str, create: bool = True):
         self.directory = Path(directory)
@@ -101,13 +125,22 @@ class ReferenceCache:
                 raise CheckpointError(f"reference cache {self.path} is not visible on this process: put "
                                 "reference_cache_dir on a filesystem every node shares")
             self.db = sqlite3.connect(self.path, timeout=600, check_same_thread=False)
+            self.db.create_function("row_intact", 4, row_intact, deterministic=True)
             if create:
-                self.db.execute("CREATE TABLE IF NOT EXISTS logps "
-                                "(key BLOB PRIMARY KEY, n INTEGER NOT NULL, logps BLOB NOT NULL)")
-                self.db.commit()
+                with self.db, self._space(4096, "creating"):
+                    self.db.execute("CREATE TABLE IF NOT EXISTS logps "
+                                    "(key BLOB PRIMARY KEY, n INTEGER NOT NULL, logps BLOB NOT NULL, checksum BLOB)")
+                    columns = [row[1] for row in self.db.execute("PRAGMA table_info(logps)")]
+                    if "checksum" not in columns:  # a file from before checksums: its rows count as damaged
+                        self.db.execute("ALTER TABLE logps ADD COLUMN checksum BLOB")
         except (OSError, sqlite3.Error) as e:
             raise CheckpointError(f"reference_cache_dir={self.directory}: cannot open {self.path.name} ({e}); point "
                             "reference_cache_dir at a writable directory or delete the damaged file") from None
+
+    def _space(self, needed: int, doing: str):
+        return reporting_full_disk(self.directory, needed=needed, what=f"reference cache {self.path.name} ({doing})",
+                                   hint="free space or point reference_cache_dir at a larger disk, then rerun "
+                                        "(entries already written are kept)")
 
     def key(self, sequence) -> bytes:
         return sequence_key(self.prefix, sequence)
@@ -119,19 +152,45 @@ class ReferenceCache:
                                        chunk)
 
     def missing(self, keys) -> set[bytes]:
+        """The keys without an intact row: absent, or damaged on disk (warned about; the cache pass recomputes
+        and replaces them)."""
         keys = list(dict.fromkeys(keys))
-        return set(keys) - {row[0] for row in self._select("key", keys)}
+        intact, damaged = set(), 0
+        for row in self._select("key, n, logps, checksum", keys):
+            if row_intact(*row):
+                intact.add(row[0])
+            else:
+                damaged += 1
+        if damaged:
+            warnings.warn(f"reference cache {self.path}: {damaged} stored entries fail their checksum (damaged on "
+                          "disk); they are recomputed")
+        return set(keys) - intact
 
     def insert_rows(self, rows: list[tuple[bytes, int, bytes]]) -> None:
-        """Insert (key, n, bytes) rows in one transaction (atomic: a crash leaves the file consistent)."""
-        with self.db:
-            self.db.executemany("INSERT OR IGNORE INTO logps VALUES (?, ?, ?)", rows)
+        """Insert (key, n, bytes) rows with their checksums in one transaction (atomic: a crash leaves the file
+        consistent). A key already stored keeps its row (another run wrote the same values) unless that row is
+        damaged, which is replaced. A full disk stops with one line naming the file and the bytes needed."""
+        with self._space(sum(len(blob) + ROW_OVERHEAD for _, _, blob in rows), "adding entries"), self.db:
+            self.db.executemany(
+                "INSERT INTO logps (key, n, logps, checksum) VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+                "n = excluded.n, logps = excluded.logps, checksum = excluded.checksum "
+                "WHERE NOT row_intact(logps.key, logps.n, logps.logps, logps.checksum)",
+                [(key, n, blob, row_checksum(key, n, blob)) for key, n, blob in rows])
 
     def lookup(self, sequences, device=None) -> TokenLogps:
-        """Token log-probs of `sequences`, response-aligned, from disk; a miss means the cache pass missed it."""
+        """Token log-probs of `sequences`, response-aligned, from disk, each row verified against its checksum;
+        a miss means the cache pass missed it, a damaged row that the file changed since the pass."""
         keys = [self.key(s) for s in sequences]
-        found = {key: np.frombuffer(blob, dtype="<f4", count=n)
-                 for key, n, blob in self._select("key, n, logps", list(dict.fromkeys(keys)))}
+        found, damaged = {}, 0
+        for key, n, blob, checksum in self._select("key, n, logps, checksum", list(dict.fromkeys(keys))):
+            if row_intact(key, n, blob, checksum):
+                found[key] = np.frombuffer(blob, dtype="<f4", count=n)
+            else:
+                damaged += 1
+        if damaged:
+            raise CheckpointError(f"reference cache {self.path}: {damaged} stored entries of this batch fail their "
+                                  "checksum (the file was damaged on disk); rerun (resume=true to continue): the "
+                                  "cache pass recomputes damaged entries")
         rows = []
         for key, seq in zip(keys, sequences):
             if key not in found or len(found[key]) != len(seq.response_ids):
