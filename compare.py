@@ -53,7 +53,7 @@ import openai
 
 from feedbackalign.fileio import write_json_atomic
 from feedbackalign.stats import wilson_interval
-from feedbackalign.errors import DataError
+from feedbackalign.errors import DataError, UserError
 
 try:  # advisory lock against two runs appending to one results file (POSIX only)
     import fcntl
@@ -698,7 +698,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except DataError as err:
+    except UserError as err:  # bad data, or no space left for the summary (fileio)
         return fail(str(err), EXIT_ERROR)
     except OSError as err:  # results folder not writable, disk full while writing the summary
         return fail(f"{err}: fix the path or free space, then rerun (judged comparisons are kept)", EXIT_ERROR)

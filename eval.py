@@ -51,6 +51,8 @@ from feedbackalign.errors import CheckpointError, ConfigError, DataError, EnvErr
 from feedbackalign.feedback import last_user_turn
 from feedbackalign.fileio import write_json_atomic
 
+SPACE_HINT = "free space or point ++samples_dir= at a larger disk, then rerun"
+
 DEFAULTS = {"mode": "sample", "n_samples": 128, "samples_dir": "samples", "split": "test", "checkpoint": "policy",
             "backend": "hf", "temperature": 0.7, "top_p": 0.95, "max_new_tokens": None, "control_token": None,
             "alpaca_eval": False}
@@ -356,11 +358,12 @@ def sample(cfg, run_dir: Path) -> Path:
                         "dataset": ex.dataset_name})
     out = Path(cfg.samples_dir) / f"{cfg.exp_name}.json"
     write_json_atomic(out, {"sampled_at": now(), "exp_name": cfg.exp_name, "checkpoint": str(path),
-                            "config": OmegaConf.to_container(cfg, resolve=True), "samples": samples})
+                            "config": OmegaConf.to_container(cfg, resolve=True), "samples": samples},
+                      what="samples", hint=SPACE_HINT)
     if cfg.alpaca_eval:
         write_json_atomic(out.with_name(f"{cfg.exp_name}.alpaca_eval.json"), [
             {"instruction": last_user_turn(s["prompt_turns"]), "output": s["policy"], "generator": cfg.exp_name,
-             "dataset": s["dataset"]} for s in samples])
+             "dataset": s["dataset"]} for s in samples], what="AlpacaEval samples", hint=SPACE_HINT)
     print(f"wrote {len(samples)} samples to {out}", flush=True)
     return out
 
@@ -380,7 +383,8 @@ def evaluate(cfg, run_dir: Path) -> dict:
     metrics = trainer.evaluate()
     out = Path(cfg.samples_dir) / f"{cfg.exp_name}.eval.json"
     write_json_atomic(out, {"evaluated_at": now(), "exp_name": cfg.exp_name, "checkpoint": str(path),
-                            "split": cfg.split, "trainer": cfg.loss.trainer, "metrics": metrics})
+                            "split": cfg.split, "trainer": cfg.loss.trainer, "metrics": metrics},
+                      what="evaluation", hint=SPACE_HINT)
     print(json.dumps(metrics, indent=2), flush=True)
     print(f"wrote {out}", flush=True)
     return metrics
