@@ -1,8 +1,8 @@
 """Every trainer's loss, away from zero margins, against the paper's formula evaluated independently.
 
 At policy == reference every margin is 0 and every loss symmetric, so a swapped chosen/rejected, a sign, a
-wrong beta or a reference part mixed up passes unseen. Here each trainer first takes an optimizer step (two for KTO: the
-policy moves away from its reference), then scores a batch it has not trained on, with non-default
+wrong beta or a reference part mixed up passes unseen. Here each trainer first takes an optimizer step (two for
+KTO), so the policy moves away from its reference, then scores a batch it has not trained on, with non-default
 hyper-parameters; the expected values come from plain-float formulas over log-probs computed by a separate,
 unpacked, one-sequence-at-a-time forward of the real models (no logprobs.py, no losses.py): per-example losses,
 the reported rewards, and KTO's reference point z0 over one and over two accumulated microbatches.
