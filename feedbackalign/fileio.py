@@ -11,10 +11,12 @@ or, failing both, by the filesystem being full once it failed.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import shutil
 import tempfile
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
@@ -49,10 +51,12 @@ def has_space(path, needed: int) -> bool:
     return free_bytes(path) >= needed
 
 
-def out_of_space(path, needed: int, what: str, hint: str) -> EnvError:
+def out_of_space(path, needed: int, what: str, hint: str, while_writing: bool = False) -> EnvError:
     """The one-line error: which path, how much the write needed, how much is free, what to do."""
-    return EnvError(f"no space left on the device of {path} for the {what}: it needs {human_bytes(needed)}, "
-                    f"{human_bytes(free_bytes(path))} free; {hint}")
+    free = human_bytes(free_bytes(path))
+    state = f"at least {human_bytes(needed)} and the disk filled up while writing it ({free} free now)" \
+        if while_writing else f"{human_bytes(needed)}, {free} free"
+    return EnvError(f"no space left on the device of {path} for the {what}: it needs {state}; {hint}")
 
 
 def _chain(error: BaseException):
@@ -90,10 +94,14 @@ def reporting_full_disk(path, *, needed: int, what: str, hint: str,
         yield
     except Exception as e:
         full = not isinstance(e, EnvError) and is_out_of_space(e, path)
+        if full:  # release what the failed writer still holds open (torch.save's file), so cleanup frees it
+            for error in _chain(e):
+                traceback.clear_frames(error.__traceback__)
+            gc.collect()
         if cleanup is not None:
             cleanup()
         if full:
-            raise out_of_space(path, needed, what, hint) from None
+            raise out_of_space(path, needed, what, hint, while_writing=True) from None
         raise
 
 
@@ -120,8 +128,7 @@ def write_bytes_atomic(path, data: bytes, *, what: str = "file", hint: str = "fr
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
 
-    with reporting_full_disk(path.parent, needed=len(data), what=f"{what} {path.name}", hint=hint,
-                             cleanup=remove_tmp):
+    with reporting_full_disk(path, needed=len(data), what=what, hint=hint, cleanup=remove_tmp):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -143,7 +150,7 @@ def append_line(path, line: str, *, what: str, hint: str) -> None:
     returned for (at most the line being written is torn; `read_json_lines` drops it)."""
     data = (line.rstrip("\n") + "\n").encode("utf-8")
     path = Path(path)
-    with reporting_full_disk(path.parent, needed=len(data), what=what, hint=hint):
+    with reporting_full_disk(path, needed=len(data), what=what, hint=hint):
         with open(path, "ab") as handle:
             handle.write(data)
             handle.flush()

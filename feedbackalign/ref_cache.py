@@ -138,7 +138,7 @@ class ReferenceCache:
                             "reference_cache_dir at a writable directory or delete the damaged file") from None
 
     def _space(self, needed: int, doing: str):
-        return reporting_full_disk(self.directory, needed=needed, what=f"reference cache {self.path.name} ({doing})",
+        return reporting_full_disk(self.path, needed=needed, what=f"reference cache ({doing})",
                                    hint="free space or point reference_cache_dir at a larger disk, then rerun "
                                         "(entries already written are kept)")
 

@@ -3,6 +3,7 @@ values), entries shared by content across losses, seeds and batch sizes, plain f
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from feedbackalign import ref_cache
 from feedbackalign.errors import CheckpointError
 from helpers import make_trainer
 from trainers import TIMING_METRICS
@@ -107,3 +109,83 @@ def test_a_missing_entry_and_an_unusable_directory_fail_clearly(tmp_path):
     with pytest.raises(CheckpointError, match="reference_cache_dir"):
         make_trainer(tmp_path / "bad", "loss=dpo", *RUN, "cache_reference_logprobs=true",
                      f"reference_cache_dir={not_a_dir}")
+
+
+def flip_stored_values(path, count: int) -> int:
+    """Flip one exponent byte inside each of `count` stored value blobs, in the file itself (as a bad disk or a
+    stray write would), leaving SQLite's own structure valid; returns how many were flipped."""
+    with sqlite3.connect(path) as db:
+        blobs = [blob for (blob,) in db.execute("SELECT logps FROM logps ORDER BY key LIMIT ?", (count,))]
+    data = bytearray(path.read_bytes())
+    for blob in blobs:
+        at = data.find(blob)
+        assert at >= 0 and data.find(blob, at + 1) < 0          # found once: the value bytes of that row
+        data[at + 3] ^= 0x40                                     # the first value's sign/exponent byte
+    path.write_bytes(bytes(data))
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"   # SQLite sees nothing wrong
+    return len(blobs)
+
+
+def test_damaged_stored_values_are_never_used(tmp_path):
+    """Bytes flipped inside stored values: a lookup refuses them naming the file; a rerun's cache pass recomputes
+    exactly those entries and trains with the live reference's losses (step 0 of DPO: ln 2)."""
+    shared = f"reference_cache_dir={tmp_path / 'refcache'}"
+    first = make_trainer(tmp_path / "first", "loss=dpo", *RUN, "cache_reference_logprobs=true", shared)
+    flipped = flip_stored_values(first.reference_cache.path, 5)
+    reader = ref_cache.ReferenceCache(tmp_path / "refcache", ref_cache.weights_fingerprint(first.policy),
+                                      ref_cache.tokenizer_fingerprint(first.tokenizer), create=False)
+    assert reader.path == first.reference_cache.path                 # a process reading the file from disk
+    with pytest.raises(CheckpointError, match=rf"reference cache {reader.path}: \d+ stored entries .* fail their "
+                                              "checksum"):
+        for batch in first.train_loader:
+            reader.lookup(batch.sequences())
+
+    with pytest.warns(UserWarning, match=f"{flipped} stored entries fail their checksum"):
+        rerun = make_trainer(tmp_path / "rerun", "loss=dpo", *RUN, "cache_reference_logprobs=true", shared)
+    assert rerun.reference_cache.stats["misses"] == flipped
+    live = make_trainer(tmp_path / "live", "loss=dpo", *RUN)
+    cached_steps, live_steps = steps(rerun), steps(live)
+    assert cached_steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for x, y in zip(cached_steps, live_steps):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+    again = make_trainer(tmp_path / "again", "loss=dpo", *RUN, "cache_reference_logprobs=true", shared)
+    assert again.reference_cache.stats["misses"] == 0                      # the repaired rows are whole
+
+
+def test_a_cache_file_from_before_checksums_is_recomputed(tmp_path):
+    shared = f"reference_cache_dir={tmp_path / 'refcache'}"
+    first = make_trainer(tmp_path / "first", "loss=dpo", *RUN, "cache_reference_logprobs=true", shared)
+    entries = first.reference_cache.count()
+    first.reference_cache.close()
+    with sqlite3.connect(first.reference_cache.path) as db:
+        db.execute("ALTER TABLE logps DROP COLUMN checksum")             # the old schema, rows kept
+    with pytest.warns(UserWarning, match=f"{entries} stored entries fail their checksum"):
+        rerun = make_trainer(tmp_path / "rerun", "loss=dpo", *RUN, "cache_reference_logprobs=true", shared)
+    assert rerun.reference_cache.stats == {"hits": 0, "misses": entries}
+    assert rerun.reference_cache.count() == entries
+
+
+def test_one_weight_changed_by_one_ulp_misses_the_whole_cache(tmp_path):
+    """The reference's identity covers every weight: starting from the same weights (model.load_from) hits every
+    entry; the same weights with ONE element moved by one float32 ulp hit none."""
+    from feedbackalign import checkpoints
+
+    shared = f"reference_cache_dir={tmp_path / 'refcache'}"
+    first = make_trainer(tmp_path / "first", "loss=dpo", *RUN, "cache_reference_logprobs=true", shared)
+    computed = first.reference_cache.stats["misses"]
+    state = {k: v.clone() for k, v in first.policy.state_dict().items()}
+    torch.save({"state": state}, tmp_path / "same.pt")
+    weight = state["model.layers.0.mlp.down_proj.weight"]
+    weight[3, 5] = torch.nextafter(weight[3, 5], torch.tensor(float("inf")))
+    torch.save({"state": state}, tmp_path / "one_ulp.pt")
+    assert checkpoints.load_policy_weights(tmp_path / "one_ulp.pt")["model.layers.0.mlp.down_proj.weight"][3, 5] \
+        != first.policy.state_dict()["model.layers.0.mlp.down_proj.weight"][3, 5]
+
+    def cache_pass(name, load_from):
+        trainer = make_trainer(tmp_path / name, "loss=dpo", *RUN, "cache_reference_logprobs=true", shared,
+                               f"model.load_from={load_from}")
+        return trainer.reference_cache.stats
+
+    assert cache_pass("same", tmp_path / "same.pt") == {"hits": computed, "misses": 0}
+    assert cache_pass("one_ulp", tmp_path / "one_ulp.pt") == {"hits": 0, "misses": computed}
