@@ -45,7 +45,14 @@ def test_win_tie_loss_counts_ties_apart_and_matches_prompts():
 
 
 def test_ema_is_bias_corrected():
+    """Bias-corrected EMA = the weighted mean sum_i w^(t-i) v_i / sum_i w^(t-i) of the values so far (a constant
+    stays itself; a ramp lags behind it)."""
+    values, w = [1.0, 4.0, 2.0, 8.0, -3.0], 0.9
+    expected = [sum(w ** (t - i) * values[i] for i in range(t + 1)) / sum(w ** (t - i) for i in range(t + 1))
+                for t in range(len(values))]
+    assert report.ema(values, weight=w) == pytest.approx(expected, rel=1e-12)
     assert report.ema([3.0, 3.0, 3.0]) == pytest.approx([3.0, 3.0, 3.0])
+    assert report.ema([1.0, 2.0], weight=0.5) == pytest.approx([1.0, (0.5 * 1 + 2) / 1.5])
 
 
 def test_report_cli_names_the_missing_manifest(tmp_path, capsys):
