@@ -10,8 +10,8 @@ same base share entries.
 Storage: one SQLite file per identity, `<reference_cache_dir>/<identity>.sqlite`, table
 `logps(key BLOB PRIMARY KEY, n INTEGER, logps BLOB, checksum BLOB)` with raw little-endian float32 bytes and a
 blake2b-64 of (key, n, values) per row, verified at every read: nothing executable is ever loaded, and a damaged
-value is never used. Disk: 4 bytes per response token + ~150 bytes per sequence (key twice, checksum, row and
-B-tree overhead; about 6.3 B/token at HH's 65 tokens a response with the tiny tokenizer, 4.5 at 300). Memory: only the microbatch being
+value is never used. Disk: 4 bytes per response token + ~120 bytes per sequence (key twice, checksum, row and
+B-tree overhead; 6.0 B/token at HH helpful-base's 61-token responses with the tiny tokenizer). Memory: only the microbatch being
 looked up, (N, L) float32 + bool mask. A lookup is one indexed SELECT per microbatch (~0.1 ms per sequence).
 
 The cache pass (`build`) runs before training: every rank lists the sequences it will see; rank 0 decides which
