@@ -215,6 +215,8 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     if resume:
         checkpoints.latest_dir(resume)
         return Path(resume), Path(resume)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is a file: pick another exp_name or cache_dir")
     if is_nonempty_dir(run_dir):
         if not cfg.overwrite:
             raise ConfigError(f"run directory {run_dir} already exists: pick another exp_name, resume=true to "
@@ -257,8 +259,9 @@ def release_memory() -> None:
 def build_trainer(cfg: DictConfig, rank: int = 0, world_size: int = 1,
                   device: torch.device = torch.device("cpu")) -> trainers.BasicTrainer:
     """Everything before the loop: data, models, sharding, reference (live, or a cache pass then freed), run dir,
-    resume. Order matters: weights are broadcast and fingerprinted before sharding; the cache pass runs on the
-    sharded reference."""
+    resume. Order matters: config values are checked first (validation.py), so a bad value builds and writes
+    nothing; weights are broadcast and fingerprinted before sharding; the cache pass runs on the sharded
+    reference; overwrite=true deletes the old run directory only once everything else has been built."""
     validation.validate(cfg, world_size)
     seed_everything(cfg.seed, cfg.deterministic)
     run_dir, resume_from = resolve_run_dir(cfg)
