@@ -46,7 +46,7 @@ from transformers import GenerationConfig
 
 import dataloader
 from feedbackalign import builders, checkpoints, models
-from feedbackalign.configuration import as_dict, compose
+from feedbackalign.configuration import compose
 from feedbackalign.errors import CheckpointError, ConfigError, DataError, EnvError, UserError, one_line
 from feedbackalign.feedback import last_user_turn
 from feedbackalign.fileio import write_json_atomic
@@ -227,9 +227,7 @@ def control_token(cfg) -> str:
     """`control_token`, else the run's loader's `chosen_control_token` option (CSFT conditions on <|good|>)."""
     if cfg.control_token is not None:
         return str(cfg.control_token)
-    loader_class = builders.dataloader_class(cfg, builders.trainer_class(cfg))
-    options = {**loader_class.OPTIONS, **as_dict(cfg.loss.get("data"))}
-    return options.get("chosen_control_token") or ""
+    return builders.loader_options(cfg).get("chosen_control_token") or ""
 
 
 def prompt_texts(cfg, tokenizer, examples) -> list[str]:
@@ -337,7 +335,7 @@ def sample(cfg, run_dir: Path) -> Path:
     if vllm and not (path / "config.json").is_file():
         raise ConfigError(f"backend=vllm loads a full save_pretrained model, and checkpoint={cfg.checkpoint} is a "
                         f"policy.pt or a peft adapter ({path}): use backend=hf")
-    tokenizer = models.load_tokenizer(cfg.model.tokenizer_name_or_path)
+    tokenizer = builders.build_tokenizer(cfg)
     examples = eval_examples(cfg, cfg.split, cfg.n_samples)
     prompts = prompt_texts(cfg, tokenizer, examples)
     ids = encode(tokenizer, prompts, cfg.model.max_prompt_length)

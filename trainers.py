@@ -22,7 +22,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import losses
-from feedbackalign import checkpoints, distributed, throughput
+from dataloader import PromptFormat
+from feedbackalign import chat_templates, checkpoints, distributed, throughput
 from feedbackalign.batches import Batch
 from feedbackalign.errors import TrainingError
 from feedbackalign.logprobs import TokenLogps, sequence_logps
@@ -307,9 +308,11 @@ class BasicTrainer:
 
     def save(self, intermediate: bool = False) -> None:
         cfg = self.config
+        template = chat_templates.export_template(self.tokenizer, PromptFormat.from_config(cfg.model))
         checkpoints.save(self.run_dir, self.train_state(), tokenizer=self.tokenizer, rank=self.rank,
                          world_size=self.world_size, keep=cfg.keep_checkpoints,
-                         export=cfg.export_hf and not intermediate, merge_lora=cfg.model.lora.merge_on_export)
+                         export=cfg.export_hf and not intermediate, merge_lora=cfg.model.lora.merge_on_export,
+                         chat_template=template)
 
     def resume_from(self, run_dir) -> None:
         """Policy, heads, optimizer, scheduler, RNG, step and data position from run_dir/LATEST; metrics logged
