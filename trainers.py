@@ -28,6 +28,7 @@ from feedbackalign.batches import Batch
 from feedbackalign.errors import TrainingError
 from feedbackalign.logprobs import TokenLogps, sequence_logps
 from feedbackalign.models import is_lora
+from feedbackalign.progress import progress
 
 TIMING_METRICS = ("tokens/s", "computed_tokens/s", "examples/s", "s/step", "mfu")  # wall-clock dependent
 Logps = dict[str, TokenLogps]  # batch part name -> its rows' log-probs
@@ -242,7 +243,9 @@ class BasicTrainer:
         self.policy.eval()
         per_example: dict[str, list[torch.Tensor]] = {}
         self.eval_loader.load_state_dict(self.eval_start)
-        for batch in self.eval_loader:
+        batches = progress(self.eval_loader, desc="eval", total=len(self.eval_loader), unit="batch", rank=self.rank,
+                           leave=False)
+        for batch in batches:
             context = self.step_context([batch])
             policy, reference = self.forward(batch)
             loss, metrics = self.loss(batch, policy, reference, context)
@@ -262,7 +265,7 @@ class BasicTrainer:
         if self.config.wandb.enabled:
             import wandb
 
-            wandb.log(metrics, step=self.examples_seen)
+            wandb.log({**metrics, "examples": self.examples_seen})  # the x axis (train.start_wandb)
 
     def train(self) -> None:
         """Run until the loader is exhausted: eval every `eval_every` examples, checkpoint, final save."""

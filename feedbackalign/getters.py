@@ -2,7 +2,8 @@
 
 `get_<name>(split, data_dir=None, **options)` reads the Hugging Face hub copy (`datasets.load_dataset`) or, with
 `data_dir`, the same upstream files under `<data_dir>/<DATA_FOLDERS[name]>/`; both feed one record parser.
-`get_dataset(name, split, ...)` dispatches by name; `jsonl:<path>` / `json:<path>` read the user's own file.
+`get_dataset(name, split, ...)` dispatches by name; `jsonl:<path>` / `json:<path>` read the user's own file and
+`hf:<repo>[:<config>]` a hub dataset, both in this project's generic schema or TRL's dataset shapes.
 Known upstream oddities are skipped with one `SkippedRecordsWarning` per rule; malformed data raises one
 `DataError` naming the file, the record and the field. Mappings and layouts: docs/data_formats.md.
 """
@@ -27,7 +28,7 @@ from feedbackalign.task import get_wordsort
 DATA_FOLDERS = {  # name -> folder under data_dir
     "hh": "hh_rlhf", "hh_helpful": "hh_rlhf", "hh_harmless": "hh_rlhf", "shp": "shp", "oasst": "oasst",
     "ultrafeedback": "ultrafeedback", "ultrabin": "ultrafeedback_binarized", "cut": "cut_judgments",
-    "shepherd": "shepherd",
+    "shepherd": "shepherd", "alpacaeval": "alpaca_eval",
 }
 HUB_IDS = {
     "hh": "Anthropic/hh-rlhf", "shp": "stanfordnlp/SHP", "oasst": "OpenAssistant/oasst1",
@@ -512,6 +513,35 @@ def get_shepherd(split: str, data_dir=None, test_fraction: float = TEST_FRACTION
                             test_fraction)
 
 
+# ---------------------------------------------------------------- AlpacaEval's prompts (evaluation only)
+
+ALPACAEVAL_FILE = "hf://datasets/tatsu-lab/alpaca_eval/alpaca_eval.json"  # the hub repository's data file
+
+
+def alpacaeval_example(rec: Record, skips: Skips) -> Optional[Example]:
+    """{instruction, output, generator, dataset} -> prompt = [user: instruction], the reference output as the one
+    generation and SFT target (eval.py's `chosen`), as HALOs' alpacaeval mode."""
+    instruction, output = text_field(rec, rec.data, "instruction"), text_field(rec, rec.data, "output")
+    if not instruction.strip():
+        return skips("record(s) with an empty instruction", rec.where)
+    return Example(prompt=_user(instruction), generations=[output], sft_index=0, dataset_name="alpacaeval",
+                   source=rec.source)
+
+
+def get_alpacaeval(split: str, data_dir=None) -> Dataset:
+    """AlpacaEval's 805 evaluation prompts (Li et al. 2023, tatsu-lab/alpaca_eval `alpaca_eval.json`) with their
+    reference outputs, for eval.py: every split is the whole set. The instruction is kept verbatim, since
+    `alpaca_eval evaluate` matches model outputs to its prompts by the instruction's text."""
+    _check_split("alpacaeval", split, ("train", "test", "eval"))
+    if data_dir is None:
+        rows = hub_dataset("json", label=ALPACAEVAL_FILE, data_files=ALPACAEVAL_FILE, split="train")
+        records = row_records(rows, ALPACAEVAL_FILE)
+    else:
+        records = _records(_files(_folder("alpacaeval", data_dir), ["alpaca_eval.json"]))
+    skips = Skips("alpacaeval")
+    return _finish("alpacaeval", (alpacaeval_example(rec, skips) for rec in records), skips)
+
+
 # ---------------------------------------------------------------- the user's own file (generic schema, TRL's shapes)
 
 _SINGULAR = {"scores": "score", "desirable": "label", "judgments": "judgment"}  # per-response key -> K=1 key
@@ -708,7 +738,8 @@ def get_hf(split: str, data_dir=None, repo: Optional[str] = None, config: Option
 GETTERS: dict[str, Callable[..., Dataset]] = {
     "hh": get_hh, "hh_helpful": get_hh_helpful, "hh_harmless": get_hh_harmless, "shp": get_shp,
     "oasst": get_oasst, "ultrafeedback": get_ultrafeedback, "ultrabin": get_ultrabin, "cut": get_cut,
-    "shepherd": get_shepherd, "jsonl": get_jsonl, "json": get_jsonl,  # the reader tells JSON array from lines
+    "shepherd": get_shepherd, "alpacaeval": get_alpacaeval,
+    "jsonl": get_jsonl, "json": get_jsonl,  # the reader tells JSON array from lines
     "wordsort": get_wordsort,  # the built-in controlled task (task.py)
 }
 

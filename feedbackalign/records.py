@@ -186,9 +186,9 @@ def _parquet_records(path: Path) -> Iterator[Record]:
         yield Record(row, str(path), number, "row")
 
 
-def hub_dataset(hub_id: str, **kwargs):
+def hub_dataset(hub_id: str, label: str | None = None, **kwargs):
     """`datasets.load_dataset(hub_id, **kwargs)` (a hub id or a local copy of a hub repository); any failure,
-    offline included, is one DataError."""
+    offline included, is one DataError naming `label` (default: the hub id)."""
     try:
         import datasets
 
@@ -197,7 +197,7 @@ def hub_dataset(hub_id: str, **kwargs):
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         details = ", ".join(f"{label} {kwargs[key]}" for key, label in (("name", "config"), ("split", "split"))
                             if kwargs.get(key))
-        what = f"{hub_id} ({details})" if details else hub_id
+        what = f"{label or hub_id} ({details})" if details else label or hub_id
         raise DataError(f"could not load {what} from the Hugging Face hub: {reason}. Offline? Download the "
                         f"upstream files and pass data_dir (layout: docs/data_formats.md)") from None
 
