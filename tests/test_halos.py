@@ -5,9 +5,9 @@ a resume continues the same W&B run), eval.py's ++saved_policy and ++mode=alpaca
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
+from omegaconf import OmegaConf
 
 import compare
 import eval as eval_script
@@ -38,9 +38,7 @@ def wandb_run_ids(run_dir) -> list[str]:
 
 
 def test_halos_keys_train_and_a_resume_continues_the_same_wandb_run(run):
-    import yaml
-
-    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved = OmegaConf.load(run / "config.yaml")
     assert saved["model"]["human_prefix"] == "Q: " and saved["model"]["assistant_prefix"] == " A: "
     run_id = json.loads((run / "wandb.json").read_text())["id"]
     assert wandb_run_ids(run) == [run_id]
