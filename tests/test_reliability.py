@@ -212,6 +212,33 @@ def test_every_metrics_line_is_fsynced_before_the_next_step(tmp_path, monkeypatc
     assert [size for name, size in synced if name == path] == ends
 
 
+def test_every_checkpoint_file_is_fsynced_before_latest_moves(tmp_path, monkeypatch):
+    """Seen at the syscall, by inode (so a rename after the fsync counts): every file of the new checkpoint and
+    the directories holding it are fsync'd while LATEST still names the previous checkpoint, and the run
+    directory once LATEST names the new one."""
+    trainer = make_trainer(tmp_path, "loss=sft", "n_examples=8", "export_hf=true")
+    trainer.save()
+    latest = trainer.run_dir / "LATEST"
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        real_fsync(fd)
+        synced.append((os.fstat(fd).st_ino, os.readlink(latest)))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    previous = os.readlink(latest)
+    trainer.step = 1
+    trainer.save()
+    new = latest.resolve()
+    assert os.readlink(latest) != previous
+    before = {inode for inode, pointing in synced if pointing == previous}
+    files = [p for p in new.rglob("*") if p.is_file()]
+    assert len(files) >= 5 and (new / "hf" / "config.json") in files
+    assert {p.stat().st_ino for p in [*files, new, new.parent]} <= before
+    assert trainer.run_dir.stat().st_ino in {inode for inode, pointing in synced if pointing != previous}
+
+
 def test_read_json_lines_cuts_only_a_torn_tail(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_bytes(b'{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
