@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -40,13 +41,12 @@ from feedbackalign.configuration import compose  # noqa: E402
 
 COMMON = ["loss=dpo", "datasets=[wordsort]", "use_fsdp=true", "do_first_eval=false", "n_eval_examples=0",
           "export_hf=false", "warmup_steps=0", "model.batch_size=8", "model.lora.dropout=0.0"]
-# The models: the tiny one on CPU; Llama-3.2-1B's shape with random weights on a GPU (tokenizer ids < 4096 fit).
+# The models: the tiny one on CPU with a real model's dtypes; Llama-3.2-1B's shape with random weights on a GPU
+# (config/model/llama1b-random.yaml: the real models' defaults, fp32 master weights, bf16 compute and reference).
 MODELS = {
     "cpu": ["model=tiny", "++model.compute_dtype=bfloat16", "model.reference_dtype=bfloat16",
             "++dataset_options.wordsort.n_prompts=64"],
-    "cuda": ["model=tiny", "model.name=llama-3.2-1b-random", "model.name_or_path=random",
-             "model.architecture=llama-3.2-1b", "model.tokenizer_name_or_path=tiny",
-             "model.block_name=LlamaDecoderLayer", "++model.compute_dtype=bfloat16", "model.reference_dtype=bfloat16",
+    "cuda": ["model=llama1b-random", "model.attn_implementation=sdpa", "model.gradient_accumulation_steps=1",
              "model.max_length=512", "model.max_prompt_length=256", "++dataset_options.wordsort.n_prompts=64"],
 }
 LR = {"cpu": "1e-6", "cuda": "5e-7"}  # the real models' default lr on the GPU
@@ -105,6 +105,7 @@ def master_weights(root: Path, kind: str, steps: int) -> dict:
                      "adam_state_dtype": str(next(iter(trainer.optimizer.state.values()))["exp_avg"].dtype),
                      "compute_dtype": compute_dtype_seen(trainer),
                      "losses": [r["loss"] for r in rec], "margins": [r["rewards/margins"] for r in rec]}
+        shutil.rmtree(trainer.run_dir)
     master, pure = out["fp32_master"], out["pure_bf16"]
     out["ok"] = (master["changed_fraction"] > 0.9 and pure["changed_fraction"] < 0.2
                  and master["stored_dtype"] == master["adam_state_dtype"] == "torch.float32"
@@ -132,16 +133,19 @@ def dcp_resume(root: Path, kind: str) -> dict:
     first = build(root, kind, *run)
     first.train()
     uninterrupted = records(first)
-    step2 = next(p for p in checkpoints.checkpoint_dirs(first.run_dir) if p.name == "step-000002")
+    step2, step3 = checkpoints.checkpoint_dirs(first.run_dir)
     sharded_only = not (step2 / "policy.pt").exists() and (step2 / checkpoints.SHARDED / ".metadata").is_file()
+    state_gib = sum(f.stat().st_size for f in (step2 / checkpoints.SHARDED).iterdir()) / 2 ** 30
     checkpoints.point_latest(first.run_dir, step2)
+    shutil.rmtree(step3)  # disk: at 1B a checkpoint is ~15 GB of fp32 weights and AdamW moments
     resumed = build(root, kind, *run, "resume=true")
     assert resumed.step == 2
     resumed.train()
     again = records(resumed)
     diff = abs(again[-1]["loss"] - uninterrupted[-1]["loss"])
     tolerance = 1e-5 if kind == "cpu" else 1e-3  # GPU kernels are not bitwise deterministic by default
-    return {"sharded_only_intermediate": sharded_only, "step3_loss": uninterrupted[-1]["loss"],
+    return {"sharded_only_intermediate": sharded_only, "sharded_state_gib": round(state_gib, 2),
+            "step3_loss": uninterrupted[-1]["loss"],
             "step3_loss_resumed": again[-1]["loss"], "abs_difference": diff, "tolerance": tolerance,
             "ok": sharded_only and [r["step"] for r in again] == [1, 2, 3] and diff <= tolerance}
 
@@ -164,15 +168,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check_precision_") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         root = Path(tmp)
-        for name, check in (("master_weights", lambda: master_weights(root / "master", kind, steps)),
-                            ("lora", lambda: lora(root / "lora", kind, steps)),
-                            ("dcp_resume", lambda: dcp_resume(root / "dcp", kind))):
+        for name, check in (("master_weights", lambda where: master_weights(where, kind, steps)),
+                            ("lora", lambda where: lora(where, kind, steps)),
+                            ("dcp_resume", lambda where: dcp_resume(where, kind))):
             t0 = time.perf_counter()
             try:
-                result["checks"][name] = check()
+                result["checks"][name] = check(root / name)
             except Exception as e:  # noqa: BLE001 - a failing check is a result to report, not a crash
                 result["checks"][name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
             result["checks"][name]["seconds"] = round(time.perf_counter() - t0, 1)
+            shutil.rmtree(root / name, ignore_errors=True)  # its checkpoints, before the next check writes its own
             if kind == "cuda":
                 result["checks"][name]["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
                 torch.cuda.reset_peak_memory_stats()
