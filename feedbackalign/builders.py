@@ -260,30 +260,38 @@ def build_models(cfg: DictConfig, tokenizer, device: torch.device, *, rank: int 
                  sharded: bool = False, caching: bool = False):
     """(policy, reference or None, reference cache identity or None): built, placed, sharded, in their dtypes.
 
-    Rank-0 loading: rank 0 alone reads the weights; every other rank builds the model with its parameters on the
-    meta device and receives rank 0's. Sharded: rank 0 builds in host RAM, every rank shards an empty copy, rank
-    0's tensors are broadcast into the shards one at a time; the reference's shards are copied from the policy's
-    on each rank, cast to reference_dtype (no second read, broadcast or host copy). Not sharded: each process
-    holds the whole model, rank 0's weights broadcast; compute in compute_dtype by autocast."""
+    Rank-0 loading: rank 0 alone reads the weights (into host RAM when they will be sharded); every other rank
+    builds the model with its parameters on the meta device and receives rank 0's."""
+    policy = build_policy(cfg, tokenizer, torch.device("cpu") if sharded else device, empty=rank != 0)
+    place = sharded_models if sharded else whole_models
+    return place(cfg, tokenizer, policy, device, world_size=world_size, caching=caching)
+
+
+def whole_models(cfg: DictConfig, tokenizer, policy, device: torch.device, *, world_size: int, caching: bool):
+    """Every process holds the whole policy (rank 0's weights broadcast) and reference; both compute in
+    compute_dtype through autocast."""
+    compute = precision(cfg).compute
+    if world_size > 1:  # (QLoRA runs in one process: check_quantized_processes)
+        if next(policy.parameters()).is_meta:
+            distributed.materialize(policy, device, distributed.buffers_of(policy))
+        distributed.broadcast_parameters(policy)
+    reference = build_reference(cfg, tokenizer, device, policy=policy, policy_is_initial=True)
+    identity = ref_cache.reference_identity(reference if reference is not None else policy, world_size) \
+        if caching else None
+    if reference is not None:
+        models.compute_in(reference, compute)
+    return models.compute_in(policy, compute), reference, identity
+
+
+def sharded_models(cfg: DictConfig, tokenizer, policy, device: torch.device, *, world_size: int, caching: bool):
+    """FSDP2: every rank shards an empty copy of the policy and receives rank 0's tensors into its shards, one
+    tensor at a time; the reference's shards are then copied on each rank from the policy's, cast to
+    reference_dtype (no second read, broadcast or host copy)."""
     p = precision(cfg)
-    reads = rank == 0
-    policy = build_policy(cfg, tokenizer, torch.device("cpu") if sharded else device, empty=not reads)
-    lora = models.is_lora(policy)
-    if not sharded:
-        if world_size > 1 and not models.is_quantized(policy):
-            if not reads:
-                distributed.materialize(policy, device, distributed.buffers_of(policy))
-            distributed.broadcast_parameters(policy)
-        reference = build_reference(cfg, tokenizer, device, policy=policy, policy_is_initial=True)
-        identity = ref_cache.reference_identity(reference if reference is not None else policy, world_size) \
-            if caching else None
-        if reference is not None:
-            models.compute_in(reference, p.compute)
-        return models.compute_in(policy, p.compute), reference, identity
     # the reference is the policy's starting weights in reference_dtype (LoRA: its base, already stored so)
-    identity = ref_cache.reference_identity(policy, world_size, dtype=None if lora else p.frozen) if caching \
-        else None
-    state = policy.state_dict() if reads else {}  # rank 0's one full copy, in host RAM
+    identity = ref_cache.reference_identity(policy, world_size, dtype=None if models.is_lora(policy) else p.frozen) \
+        if caching else None
+    state = policy.state_dict() if not next(policy.parameters()).is_meta else {}  # rank 0's one full copy
     buffers = distributed.buffers_of(policy)
     models.to_meta(policy)
     reference = build_reference(cfg, tokenizer, device, policy=policy, policy_is_initial=True)

@@ -30,6 +30,7 @@ allowlist (`SafeReader`), policy.pt with torch.load(weights_only=True), everythi
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pickle
@@ -313,19 +314,26 @@ class SafeReader(FileSystemReader):
 
 
 class MetadataUnpickler(pickle.Unpickler):
-    """The classes a DCP .metadata file names (torch 2.4-2.13), and nothing else."""
+    """Builds the records a DCP .metadata file holds (torch 2.4 onwards) and nothing else: classes defined in
+    DCP's metadata and filesystem modules, torch.Size, dtypes and layouts, paths. Any other global (a function
+    to call, a dotted attribute path) is refused."""
 
-    ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                       "torch.distributed.checkpoint.planner")
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-               ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    NAMED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+             ("pathlib", "WindowsPath")}
 
     def find_class(self, module, name):
-        dtype = getattr(torch, name, None) if module == "torch" else None
-        if (module, name) in self.ALLOWED or module in self.ALLOWED_MODULES and not name.startswith("__") \
-                or isinstance(dtype, (torch.dtype, torch.memory_format, torch.layout)):
+        if "." not in name and ((module, name) in self.NAMED or self._record_class(module, name)
+                                or module == "torch" and isinstance(getattr(torch, name, None),
+                                                                    (torch.dtype, torch.layout, torch.memory_format))):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+    def _record_class(self, module: str, name: str) -> bool:
+        if module not in self.MODULES:
+            return False
+        found = getattr(importlib.import_module(module), name, None)
+        return isinstance(found, type) and found.__module__ == module
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

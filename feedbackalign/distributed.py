@@ -65,7 +65,7 @@ def shutdown() -> None:
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:
-    """Make every rank start from rank 0's weights (FSDP2 has no sync_module_states)."""
+    """Rank 0's parameters and buffers into every rank's whole copy (use_fsdp=false; a trainer's heads)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         with torch.no_grad():
             for tensor in list(model.parameters()) + list(model.buffers()):

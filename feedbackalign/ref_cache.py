@@ -42,13 +42,14 @@ QUERY_CHUNK = 500  # keys per SQL `IN (...)` (SQLite's variable limit is larger;
 
 def weights_fingerprint(model: torch.nn.Module, dtype: torch.dtype | None = None) -> str:
     """blake2b of every parameter and buffer (normalised name, dtype, shape, bytes): the reference's identity.
-    `dtype`: fingerprint the weights as stored in that dtype (cast one tensor at a time).
+    `dtype`: fingerprint the parameters as stored in that dtype (cast one tensor at a time), buffers as they are.
 
     LoRA adapter weights are left out: the reference of a LoRA run is the base with adapters disabled."""
     h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted((plain_name(n), t) for n, t in model.state_dict().items() if "lora_" not in n):
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)} if dtype is not None else set()
+    for name, key, tensor in sorted((plain_name(n), n, t) for n, t in model.state_dict().items() if "lora_" not in n):
         t = tensor.detach().cpu()
-        t = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+        t = (t.to(dtype) if key in params else t).contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

@@ -91,7 +91,8 @@ def test_stored_dtypes_frozen_weights_in_bf16_trained_in_fp32_rotary_buffers_fp3
     assert {b.dtype for b in full.reference.buffers()} == {torch.float32}
     assert {p.dtype for p in full.policy.parameters()} == {torch.float32}
 
-    lora = make_trainer(tmp_path / "lora", "loss=dpo", *BF16, *LORA, "model.reference_dtype=bfloat16")
+    lora = make_trainer(tmp_path / "lora", "loss=dpo", *BF16, *LORA, "model.reference_dtype=bfloat16",
+                        "model.activation_checkpointing=true")  # recomputation in backward keeps the bf16 autocast
     dtypes = {("adapter" if "lora_" in n else "base"): p.dtype for n, p in lora.policy.named_parameters()}
     assert dtypes == {"adapter": torch.float32, "base": torch.bfloat16}
     assert {b.dtype for b in lora.policy.buffers()} == {torch.float32}
@@ -146,14 +147,26 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_crafted_checkpoint_metadata_cannot_run_code(tmp_path):
+def dotted_global_call(module: str, name: str, argument: str) -> bytes:
+    """A protocol-4 pickle that calls `module`'s attribute path `name` (e.g. "os.system") on `argument`."""
+    def text(x):
+        return b"\x8c" + bytes([len(x.encode())]) + x.encode()  # SHORT_BINUNICODE
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(argument) + b"\x85R."  # STACK_GLOBAL TUPLE1 REDUCE
+
+
+@pytest.mark.parametrize("payload, refused", [
+    ("reduce", r"posix\.system"),
+    ("dotted", r"torch\.distributed\.checkpoint\.filesystem\.os\.system"),  # a path through an allowed module
+])
+def test_a_crafted_checkpoint_metadata_cannot_run_code(tmp_path, payload, refused):
     trainer = make_trainer(tmp_path, "loss=sft", "n_examples=8")
     trainer.train()
     marker = tmp_path / "code-ran"
     metadata = checkpoints.latest_dir(trainer.run_dir) / "state" / ".metadata"
-    metadata.write_bytes(pickle.dumps(RunsCode(marker)))
-    with pytest.raises(CheckpointError, match=r"cannot read .*\.metadata \(posix\.system is not part of a "
-                                              r"checkpoint's metadata\)"):
+    metadata.write_bytes(pickle.dumps(RunsCode(marker)) if payload == "reduce" else
+                         dotted_global_call("torch.distributed.checkpoint.filesystem", "os.system", f"touch {marker}"))
+    with pytest.raises(CheckpointError, match=rf"cannot read .*\.metadata \({refused} is not part of a checkpoint's "
+                                              r"metadata\)"):
         make_trainer(tmp_path, "loss=sft", "n_examples=8", "resume=true")
     assert not marker.exists()
 
