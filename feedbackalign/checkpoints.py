@@ -162,8 +162,10 @@ def by_module(full: dict) -> dict[str, dict]:
     return out
 
 
-def export_hf(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: bool = True) -> None:
-    """save_pretrained export loadable with plain AutoModelForCausalLM (LoRA merged), or the peft adapter."""
+def export_hf(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: bool = True,
+              chat_template=None) -> None:
+    """save_pretrained export loadable with plain AutoModelForCausalLM (LoRA merged), or the peft adapter; the
+    tokenizer is saved carrying `chat_template` (the template the run used: chat_templates.export_template)."""
     if is_lora(model):
         if merge:
             model.get_base_model().save_pretrained(out_dir, state_dict=plain, safe_serialization=True)
@@ -171,7 +173,11 @@ def export_hf(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: 
             model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
     else:
         model.save_pretrained(out_dir, state_dict=plain, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    used, tokenizer.chat_template = tokenizer.chat_template, chat_template or tokenizer.chat_template
+    try:
+        tokenizer.save_pretrained(out_dir)
+    finally:
+        tokenizer.chat_template = used
 
 
 # ---------------------------------------------------------------- save
@@ -206,11 +212,12 @@ def sharded_state(state: TrainState, optimizer: bool) -> tuple[dict, list | None
 
 
 def save(run_dir, state: TrainState, *, tokenizer, rank: int = 0, world_size: int = 1, keep: int = 2,
-         consolidate: bool = False, export: bool = False, merge_lora: bool = True) -> Path | None:
+         consolidate: bool = False, export: bool = False, merge_lora: bool = True,
+         chat_template=None) -> Path | None:
     """Write a checkpoint of `state` atomically: every rank writes its shards (DCP) into the temporary directory
     rank 0 named, rank 0 adds the JSON state (and, with `consolidate`, policy.pt gathered from every rank;
-    `export` the save_pretrained export hf/, LoRA merged unless `merge_lora` is false), then renames it and moves
-    LATEST. Returns the checkpoint directory on rank 0."""
+    `export` the save_pretrained export hf/, LoRA merged unless `merge_lora` is false, its tokenizer carrying
+    `chat_template`), then renames it and moves LATEST. Returns the checkpoint directory on rank 0."""
     full = get_model_state_dict(state.modules, options=FULL) if consolidate else None
     sharded, param_groups = sharded_state(state, optimizer=bool(state.optimizer.state))
     rng = [None] * world_size
@@ -231,13 +238,13 @@ def save(run_dir, state: TrainState, *, tokenizer, rank: int = 0, world_size: in
         progress = {**state.progress, "rng": rng, "scheduler": state.scheduler.state_dict(),
                     "optimizer": param_groups}
         final_dir = _write(Path(run_dir), tmp[0], state, full, progress, tokenizer=tokenizer, keep=keep,
-                           export=export, merge_lora=merge_lora)
+                           export=export, merge_lora=merge_lora, chat_template=chat_template)
     _barrier(world_size)
     return final_dir
 
 
 def _write(run_dir: Path, tmp: Path, state: TrainState, full: dict | None, progress: dict, *, tokenizer, keep: int,
-           export: bool, merge_lora: bool) -> Path:
+           export: bool, merge_lora: bool, chat_template=None) -> Path:
     """Rank 0: the JSON state and the consolidated files into `tmp`, then fsync, rename, LATEST, prune."""
     (tmp / STATE_FILE).write_text(json.dumps(progress))
     if full is not None:
@@ -246,7 +253,8 @@ def _write(run_dir: Path, tmp: Path, state: TrainState, full: dict | None, progr
         plain = merged_state(policy_state, lora_scalings(state.policy)) if lora and not quantized else policy_state
         torch.save({"step_idx": state.progress["examples_seen"], "state": plain, "metrics": {}}, tmp / "policy.pt")
         if export:
-            export_hf(state.policy, tokenizer, plain, policy_state, tmp / "hf", merge=merge_lora and not quantized)
+            export_hf(state.policy, tokenizer, plain, policy_state, tmp / "hf", merge=merge_lora and not quantized,
+                      chat_template=chat_template)
     _fsync_tree(tmp)
     root = run_dir / "checkpoints"
     final_dir = _free_name(root, int(state.progress["step"]))
