@@ -316,7 +316,7 @@ def generate_vllm(model_dir: Path, tokenizer, prompt_ids: list[list[int]], budge
     if missing:
         raise EnvError(f"backend=vllm needs {' and '.join(missing)}: use backend=hf")
     greedy, stops = cfg.temperature == 0, stop_ids(tokenizer)
-    llm = LLM(model=str(model_dir), seed=cfg.seed, dtype=cfg.model.policy_dtype)
+    llm = LLM(model=str(model_dir), seed=cfg.seed, dtype=str(models.compute_dtype(cfg.model)).removeprefix("torch."))
     params = [SamplingParams(temperature=float(cfg.temperature), top_p=1.0 if greedy else float(cfg.top_p),
                              max_tokens=b, stop_token_ids=stops, seed=cfg.seed + k) for k, b in enumerate(budgets)]
     results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=True)

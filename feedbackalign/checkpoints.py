@@ -355,15 +355,19 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def saved_metadata(directory: Path) -> dict:
+    """{key: storage metadata} of a DCP directory, read through `SafeReader`."""
+    try:
+        return SafeReader(directory).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - a damaged or crafted file is the user's to replace
+        raise CheckpointError(f"checkpoint {directory.parent}: cannot read {directory}/.metadata ({e}); use another "
+                              "checkpoint") from None
+
+
 def read_sharded(directory: Path, tree: dict, *, no_dist: bool = False) -> None:
     """Fill `tree` (nested dicts of tensors or DTensor shards) in place from a DCP directory; every key must be
     a tensor there. Collective unless `no_dist` (one process reading alone)."""
-    reader = SafeReader(directory)
-    try:
-        saved = reader.read_metadata().state_dict_metadata
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as e:
-        raise CheckpointError(f"checkpoint {directory.parent}: cannot read {directory}/.metadata ({e}); resume from "
-                              "another checkpoint") from None
+    saved = saved_metadata(directory)
     wanted = _flat(tree)
     missing = [k for k in wanted if not isinstance(saved.get(k), TensorStorageMetadata)]
     if missing:
@@ -375,7 +379,7 @@ def read_sharded(directory: Path, tree: dict, *, no_dist: bool = False) -> None:
         k = mismatched[0]
         raise CheckpointError(f"checkpoint {directory.parent} does not fit this run: {k} has shape "
                               f"{tuple(saved[k].size)} there, {tuple(wanted[k].shape)} here; resume with the same model")
-    dcp.load(tree, storage_reader=reader, no_dist=no_dist)
+    dcp.load(tree, storage_reader=SafeReader(directory), no_dist=no_dist)
 
 
 def load_policy_weights(path) -> dict:
@@ -400,10 +404,7 @@ def load_policy_weights(path) -> dict:
 def _saved_tensors(checkpoint_dir: Path, prefix: str) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint's sharded state whose key starts with `prefix`, whole, read in this process
     alone (the shards of any number of ranks are stitched by DCP)."""
-    try:
-        saved = SafeReader(checkpoint_dir / SHARDED).read_metadata().state_dict_metadata
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as e:
-        raise CheckpointError(f"checkpoint {checkpoint_dir}: cannot read its sharded state ({e})") from None
+    saved = saved_metadata(checkpoint_dir / SHARDED)
     tree = {k[len(prefix):]: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in saved.items()
             if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
     read_sharded(checkpoint_dir / SHARDED, {prefix.rstrip("."): tree} if tree else {}, no_dist=True)

@@ -13,7 +13,10 @@
 Default: a random-init Llama of Llama-3.2-1B's exact shape (shipped architecture, no download) on cuda:0,
 sequences up to 512 tokens. `--cpu`: the same code on the embedded tiny model on CPU (the test suite runs it).
 Writes one JSON object {"device", "model", "checks": {name: {figures..., "ok"}}, "ok", "seconds"} to --out (default
-stdout); exit 0 when every check is ok, 1 otherwise. tools/gpu_check.sh folds it into its own output.
+stdout); exit 0 when every check is ok, 1 otherwise. It needs the package's dependencies (hydra-core, omegaconf,
+datasets, peft, accelerate); tools/gpu_check.sh installs them on a bare GPU machine, runs this script and folds its
+JSON into its own output. On the GPU it takes ~2-4 minutes (four 1.2B-parameter builds, ~30 training steps) and up
+to ~35 GB of temporary disk for fp32 checkpoints, removed after each check.
 """
 
 from __future__ import annotations
