@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from feedbackalign.errors import ConfigError
+from feedbackalign.models import retie
 
 
 def world_from_env() -> tuple[int, int, int] | None:
@@ -116,8 +117,6 @@ def buffers_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def materialize(model: torch.nn.Module, device: torch.device, buffers: dict[str, torch.Tensor]) -> torch.nn.Module:
     """Allocate a meta model's parameters (or shards) on `device`, uninitialised (filled next by a broadcast or a
     copy), and put its buffers back. FSDP2 keeps tied parameters tied through `to_empty`; a plain model is re-tied."""
-    from feedbackalign.models import retie
-
     model.to_empty(device=device)
     with torch.no_grad():
         for name, buffer in model.named_buffers():
