@@ -27,7 +27,7 @@ from feedbackalign import chat_templates, checkpoints, distributed, fileio, thro
 from feedbackalign.batches import Batch
 from feedbackalign.errors import TrainingError
 from feedbackalign.logprobs import TokenLogps, sequence_logps
-from feedbackalign.models import is_lora
+from feedbackalign.models import compute_dtype, is_lora
 from feedbackalign.progress import progress
 
 TIMING_METRICS = ("tokens/s", "computed_tokens/s", "examples/s", "s/step", "mfu")  # wall-clock dependent
@@ -62,7 +62,7 @@ class BasicTrainer:
         self.reference_cache = reference_cache
         self.heads = torch.nn.ModuleDict(heads or {})
         self.device = next(policy.parameters()).device
-        self.peak_flops = throughput.peak_flops(config.peak_flops, self.device, next(policy.parameters()).dtype)
+        self.peak_flops = throughput.peak_flops(config.peak_flops, self.device, compute_dtype(config.model))
         self.meter = throughput.Meter(policy.config)
         self.layout = config.model.forward_layout
         # every trained module under one root, so checkpoints gather policy + heads with one state dict call
@@ -310,13 +310,16 @@ class BasicTrainer:
         return checkpoints.TrainState(self.trained_modules, self.optimizer, self.scheduler, progress)
 
     def save(self, intermediate: bool = False) -> None:
-        """A checkpoint (checkpoints.save). One that cannot fit on the disk is refused before anything is written
-        (every rank agrees); one that runs out of space while writing is removed. Either way LATEST still points
-        at the last complete checkpoint and the run stops with one line naming the directory and the bytes
-        needed."""
+        """Sharded state every time; policy.pt (gathered) in the final checkpoint, or in every one with
+        consolidate_checkpoints=all; the hf/ export with the final one (export_hf). A checkpoint that cannot fit
+        on the disk is refused before anything is written (every rank agrees); one that runs out of space while
+        writing is removed. Either way LATEST still points at the last complete checkpoint and the run stops with
+        one line naming the directory and the bytes needed."""
         cfg = self.config
         state, export = self.train_state(), cfg.export_hf and not intermediate
-        where, needed = self.run_dir / "checkpoints", checkpoints.checkpoint_bytes(state, export)
+        consolidate = not intermediate or cfg.consolidate_checkpoints == "all"
+        where = self.run_dir / "checkpoints"
+        needed = checkpoints.checkpoint_bytes(state, consolidate=consolidate, export=export)
         what = f"checkpoint of step {self.step}"
         hint = "free space (or lower keep_checkpoints), then resume=true to continue from the last checkpoint"
         if self.all_reduce_sum(torch.tensor(float(not fileio.has_space(where, needed)), device=self.device)) > 0:
@@ -325,8 +328,8 @@ class BasicTrainer:
         cleanup = (lambda: checkpoints.remove_temporaries(self.run_dir)) if self.rank == 0 else None
         with fileio.reporting_full_disk(where, needed=needed, what=what, hint=hint, cleanup=cleanup):
             checkpoints.save(self.run_dir, state, tokenizer=self.tokenizer, rank=self.rank,
-                             world_size=self.world_size, keep=cfg.keep_checkpoints, export=export,
-                             merge_lora=cfg.model.lora.merge_on_export, chat_template=template)
+                             world_size=self.world_size, keep=cfg.keep_checkpoints, consolidate=consolidate,
+                             export=export, merge_lora=cfg.model.lora.merge_on_export, chat_template=template)
 
     def resume_from(self, run_dir) -> None:
         """Policy, heads, optimizer, scheduler, RNG, step and data position from run_dir/LATEST; metrics logged
