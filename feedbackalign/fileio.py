@@ -61,21 +61,30 @@ def out_of_space(path, needed: int, what: str, hint: str, while_writing: bool = 
 
 
 def _chain(error: BaseException):
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        yield error
-        error = error.__cause__ or error.__context__
+    """The error, its causes and contexts, and the errors it gathers (an ExceptionGroup's, or the per-rank
+    `failures` of torch.distributed.checkpoint's CheckpointException)."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        gathered = getattr(e, "failures", None)  # DCP: {rank: (exception, traceback summary)}
+        gathered = [v[0] if isinstance(v, tuple) else v for v in gathered.values()] if isinstance(gathered, dict) else []
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ()),
+                 *(v for v in gathered if isinstance(v, BaseException))]
 
 
 def is_out_of_space(error: BaseException, path) -> bool:
     """Whether a failed write under `path` failed for lack of space (errno, message, or a now-full filesystem)."""
-    for e in _chain(error):
+    errors = list(_chain(error))
+    for e in errors:
         if isinstance(e, OSError) and e.errno in OUT_OF_SPACE_ERRNOS:
             return True
         if any(word in str(e).lower() for word in OUT_OF_SPACE_WORDS):
             return True
-    if not isinstance(error, (OSError, RuntimeError)):
+    if not any(isinstance(e, (OSError, RuntimeError)) for e in errors):
         return False
     try:
         return free_bytes(path) < NEARLY_FULL
@@ -93,7 +102,9 @@ def reporting_full_disk(path, *, needed: int, what: str, hint: str,
         raise out_of_space(path, needed, what, hint)
     try:
         yield
-    except Exception as e:
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
         full = not isinstance(e, EnvError) and is_out_of_space(e, path)
         if full:  # release what the failed writer still holds open (torch.save's file), so cleanup frees it
             for error in _chain(e):
