@@ -70,8 +70,9 @@ def _chain(error: BaseException):
             continue
         seen.add(id(e))
         yield e
-        gathered = getattr(e, "failures", None)  # DCP: {rank: (exception, traceback summary)}
-        gathered = [v[0] if isinstance(v, tuple) else v for v in gathered.values()] if isinstance(gathered, dict) else []
+        failures = getattr(e, "failures", None)  # DCP: {rank: (exception, traceback summary)}
+        gathered = [v[0] if isinstance(v, tuple) else v for v in failures.values()] \
+            if isinstance(failures, dict) else []
         todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ()),
                  *(v for v in gathered if isinstance(v, BaseException))]
 

@@ -11,8 +11,9 @@ Storage: one SQLite file per identity, `<reference_cache_dir>/<identity>.sqlite`
 `logps(key BLOB PRIMARY KEY, n INTEGER, logps BLOB, checksum BLOB)` with raw little-endian float32 bytes and a
 blake2b-64 of (key, n, values) per row, verified at every read: nothing executable is ever loaded, and a damaged
 value is never used. Disk: 4 bytes per response token + ~120 bytes per sequence (key twice, checksum, row and
-B-tree overhead; 6.0 B/token at HH helpful-base's 61-token responses with the tiny tokenizer). Memory: only the microbatch being
-looked up, (N, L) float32 + bool mask. A lookup is one indexed SELECT per microbatch (~0.1 ms per sequence).
+B-tree overhead; 6.0 B/token at HH helpful-base's 61-token responses with the tiny tokenizer). Memory: only the
+microbatch being looked up, (N, L) float32 + bool mask. A lookup is one indexed SELECT per microbatch (~0.1 ms
+per sequence); the cache pass reads and verifies every stored row of the run once.
 
 The cache pass (`build`) runs before training: every rank lists the sequences it will see; rank 0 decides which
 are missing (each computed once, by the lowest rank that holds it); ranks compute their share in rounds (equal
