@@ -26,6 +26,8 @@ from feedbackalign import checkpoints, distributed, getters, models, ref_cache
 from feedbackalign.configuration import as_dict
 from feedbackalign.errors import ConfigError, EnvError
 
+BASE_WEIGHTS = "base"  # model.reference_load_from=base: the reference is the base model, without model.load_from
+
 # ---------------------------------------------------------------- classes named by the loss config
 
 
@@ -170,15 +172,24 @@ def load_4bit(cfg: DictConfig, device: torch.device):
 
 
 def build_reference(cfg: DictConfig, tokenizer, device: torch.device, *, policy, policy_is_initial: bool):
-    """The frozen reference: the run's starting weights (model.load_from, else the base) in reference_dtype;
-    a copy of `policy` when it still holds them (`policy_is_initial`), else rebuilt. None when the loss needs no
-    reference or `policy` is a LoRA model (its reference is itself with adapters disabled: no second model)."""
-    if not trainer_class(cfg).uses_reference or models.is_lora(policy):
+    """The frozen reference: the run's starting weights (model.load_from, else the base) in reference_dtype, or
+    model.reference_load_from's (a policy.pt, or `base` for the base model's own weights: loop.py's round-0
+    reference); a copy of `policy` when it still holds them (`policy_is_initial`), else rebuilt. None when the
+    loss needs no reference or `policy` is a LoRA model (its reference is itself with adapters disabled)."""
+    source = cfg.model.get("reference_load_from")
+    if not trainer_class(cfg).uses_reference:
         return None
-    if policy_is_initial:
+    if models.is_lora(policy):
+        if source is not None:
+            raise ConfigError(f"model.reference_load_from={source} needs full fine-tuning: a LoRA run's reference is "
+                              "its base with adapters disabled; set model.lora.enabled=false or drop the key")
+        return None
+    if policy_is_initial and source is None:
         reference = copy.deepcopy(policy)
     else:
-        reference = build_policy(cfg, tokenizer, device, lora=False, activation_checkpointing=False)
+        load_from = None if source is None else "" if source == BASE_WEIGHTS else source
+        reference = build_policy(cfg, tokenizer, device, load_from=load_from, lora=False,
+                                 activation_checkpointing=False)
     reference = reference.to(model_dtype(cfg.model.reference_dtype, device))
     reference.eval()
     return reference.requires_grad_(False)

@@ -21,6 +21,7 @@ then does LATEST move; older checkpoints beyond `keep_checkpoints` are removed a
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -139,15 +140,38 @@ def by_module(full: dict) -> dict[str, dict]:
     return out
 
 
-def export_hf(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: bool = True) -> None:
-    """save_pretrained export loadable with plain AutoModelForCausalLM (LoRA merged), or the peft adapter."""
-    if is_lora(model):
+def export_hf(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: bool = True,
+              score: dict | None = None) -> None:
+    """save_pretrained export loadable with plain AutoModelForCausalLM (LoRA merged), or the peft adapter; with a
+    `score` head's state, an AutoModelForSequenceClassification (a reward model) instead."""
+    if score is not None:
+        export_sequence_classifier(model, tokenizer, plain, score, out_dir)
+    elif is_lora(model):
         if merge:
             model.get_base_model().save_pretrained(out_dir, state_dict=plain, safe_serialization=True)
         else:
             model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
     else:
         model.save_pretrained(out_dir, state_dict=plain, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def export_sequence_classifier(model, tokenizer, plain: dict, score: dict, out_dir: Path) -> None:
+    """A reward model's export: AutoModelForSequenceClassification (num_labels=1) holding the policy's backbone
+    weights (LoRA merged) and the trained score head; built on the meta device and filled with these tensors, so
+    no second copy of the weights is allocated."""
+    from transformers import AutoModelForSequenceClassification
+
+    base = model.get_base_model() if is_lora(model) else model
+    config = copy.deepcopy(base.config)
+    config.num_labels, config.pad_token_id, config.architectures = 1, tokenizer.pad_token_id, None
+    with torch.device("meta"):
+        classifier = AutoModelForSequenceClassification.from_config(config)
+    prefix = classifier.base_model_prefix + "."
+    weights = {k: v for k, v in plain.items() if k.startswith(prefix)}
+    weights["score.weight"] = score["weight"].reshape(1, -1).to(next(iter(weights.values())).dtype)
+    classifier.load_state_dict(weights, strict=True, assign=True)
+    classifier.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
 
@@ -164,9 +188,10 @@ def _free_name(root: Path, step: int) -> Path:
 
 
 def save(run_dir, state: TrainState, *, tokenizer, rank: int = 0, world_size: int = 1, keep: int = 2,
-         export: bool = False, merge_lora: bool = True) -> Path | None:
+         export: bool = False, merge_lora: bool = True, score_head: str | None = None) -> Path | None:
     """Write a checkpoint of `state` atomically (every rank gathers, rank 0 writes); returns its directory on
-    rank 0. `export` adds the save_pretrained export hf/ (LoRA merged unless `merge_lora` is false)."""
+    rank 0. `export` adds the save_pretrained export hf/ (LoRA merged unless `merge_lora` is false); with
+    `score_head` (the name of a head scoring sequences) that export is a sequence classifier."""
     full = get_model_state_dict(state.modules, options=FULL)
     optim = get_optimizer_state_dict(state.modules, state.optimizer, options=FULL)
     rng = [None] * world_size
@@ -177,13 +202,13 @@ def save(run_dir, state: TrainState, *, tokenizer, rank: int = 0, world_size: in
     final_dir = None
     if rank == 0:
         final_dir = _write(Path(run_dir), state, full, optim, rng, tokenizer=tokenizer, keep=keep, export=export,
-                           merge_lora=merge_lora)
+                           merge_lora=merge_lora, score_head=score_head)
     _barrier(world_size)
     return final_dir
 
 
 def _write(run_dir: Path, state: TrainState, full: dict, optim: dict, rng: list, *, tokenizer, keep: int,
-           export: bool, merge_lora: bool) -> Path:
+           export: bool, merge_lora: bool, score_head: str | None = None) -> Path:
     step = int(state.progress["step"])
     root = run_dir / "checkpoints"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
@@ -199,7 +224,8 @@ def _write(run_dir: Path, state: TrainState, full: dict, optim: dict, rng: list,
     torch.save(resume, tmp / "resume.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**state.progress, "rng": rng}))
     if export:
-        export_hf(state.policy, tokenizer, plain, policy_state, tmp / "hf", merge=merge_lora and not quantized)
+        export_hf(state.policy, tokenizer, plain, policy_state, tmp / "hf", merge=merge_lora and not quantized,
+                  score=modules[score_head] if score_head else None)
     _fsync_tree(tmp)
     final_dir = _free_name(root, step)
     os.rename(tmp, final_dir)
