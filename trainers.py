@@ -606,7 +606,9 @@ class GRPOTrainer(BasicTrainer):
     """GRPO (Shao et al. 2024) as in HALOs' main branch: K responses per prompt with rewards (the K-response
     loader keeps a prompt's group in one microbatch), group-relative advantages, a clipped token ratio to the
     reference as the old policy, and a KL penalty to it. In loop.py with `reference=round` the reference is the
-    round's sampling policy, so the ratio is GRPO's pi / pi_old."""
+    round's sampling policy, so the ratio is GRPO's pi / pi_old. Logged: HALOs' KL, clip fraction, mean reward and
+    |advantage|, and the best and worst response's log-ratio log pi/pi_ref as rewards/chosen and rewards/rejected
+    (with their margin and accuracy, as the K-wise losses report)."""
 
     batch_kind = "groups"
     default_dataloader = "RewardDataLoader"
@@ -620,5 +622,12 @@ class GRPOTrainer(BasicTrainer):
         loss, kl, clipped = losses.grpo_loss(responses.token_logps,
                                              reference["responses"].token_logps.to(responses.token_logps.dtype),
                                              responses.mask, advantages, c.beta, c.epsilon)
-        return loss, {"loss": loss.detach().reshape(1), "kl": kl.reshape(1), "clip_fraction": clipped.reshape(1),
-                      "rewards": rewards.mean(-1), "advantages/abs": advantages.detach().abs()}
+        b, k = rewards.shape
+        log_ratios = (responses.sums - reference["responses"].sums.to(responses.sums.dtype)).detach().view(b, k)
+        best, worst = rewards.argmax(-1, keepdim=True), rewards.argmin(-1, keepdim=True)
+        sums = responses.sums.detach().view(b, k)
+        metrics = preference_metrics(log_ratios.gather(1, best).squeeze(1), log_ratios.gather(1, worst).squeeze(1),
+                                     sums.gather(1, best).squeeze(1), sums.gather(1, worst).squeeze(1))
+        return loss, {**metrics, "loss": loss.detach().reshape(1), "kl": kl.reshape(1),
+                      "clip_fraction": clipped.reshape(1), "rewards/mean": rewards.mean(-1),
+                      "advantages/abs": advantages.detach().abs()}
