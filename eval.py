@@ -144,6 +144,9 @@ def _positive_int(x) -> bool:
 def checkpoint_path(checkpoint: str, run_dir: Path) -> Path:
     """The weights `checkpoint` names: LATEST/policy.pt (`policy`), the LATEST/hf export (`hf`), or a path to a
     policy.pt, a directory holding one, or a save_pretrained directory (a model, or a peft adapter)."""
+    if checkpoint == BASE_CHECKPOINT:
+        raise CheckpointError("checkpoint=base is the config's own model, for mode=sample; mode=eval evaluates a "
+                              "trained checkpoint: policy, hf or a path to a policy.pt")
     if checkpoint in ("policy", "hf"):
         latest = run_dir / "LATEST"
         if not (latest / "policy.pt").is_file():

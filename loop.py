@@ -14,7 +14,9 @@ Round 0 evaluates the starting model (model.load_from, else the base model). Rou
    round i-1's policy (prompts ordered by seed + i, so each round sees a fresh draw);
 2. label: label.py's labeler (task, rm or judge) writes them as feedback records, appended per prompt;
 3. train: train.py trains `loss` on that file (datasets=[jsonl:...]) from round i-1's policy, with the reference
-   `reference` names: `round` (the policy the round starts from) or `start` (the loop's starting model);
+   `reference` names: `round` (the policy the round starts from) or `start` (the loop's starting model); a round
+   whose labels give the loss no training batch (e.g. every answer tied: no DPO pair) is recorded as not
+   trained, with a warning, and the next round starts from the same policy;
 4. evaluate: eval.py answers `eval_prompts` held-out test prompts (the same every round); their mean true reward
    (the built-in task), mean reward-model score (labeler=rm) or judge win rate against round 0 (labeler=judge)
    goes with the round's item counts and paths into `<cache_dir>/<exp_name>/rounds.jsonl`, and rounds.png
@@ -50,7 +52,7 @@ import eval as eval_script
 import train as train_script
 from feedbackalign import builders, distributed, labelers, online
 from feedbackalign.configuration import compose
-from feedbackalign.errors import ConfigError, UserError, one_line
+from feedbackalign.errors import ConfigError, DataError, UserError, one_line
 
 EXIT_INCOMPLETE, EXIT_INTERRUPTED = compare.EXIT_INCOMPLETE, compare.EXIT_INTERRUPTED
 
@@ -136,6 +138,7 @@ class Loop:
         labelled = labelers.records(layout.feedback(i))
         scores = [s for r in labelled for s in r.get("scores") or []]
         return {"round": i, "items": len(labelled), "responses": sum(len(r["responses"]) for r in labelled),
+                "trained": layout.trained(i),
                 **({"samples_mean_score": sum(scores) / len(scores)} if scores else {}), **metrics,
                 "paths": {"samples": str(layout.samples(i)), "feedback": str(layout.feedback(i)),
                           "run": str(layout.run(i)), "eval_samples": str(layout.eval_samples(i))},
@@ -189,6 +192,13 @@ class Loop:
         layout = self.layout
         resume = (layout.run(i) / "LATEST" / "trainer_state.json").is_file()
         tcfg = online.round_train_config(self.cfg, layout, i, self.start, resume)
+        try:   # the labels may give the loss nothing to train on (every answer tied: no DPO pair)
+            builders.build_loader(tcfg, builders.build_tokenizer(tcfg), split="train", train=True)
+        except DataError as e:
+            self.say(f"round {i}: WARNING not trained, the policy stays {tcfg.model.load_from or 'the base model'}: "
+                     f"{one_line(e)}")
+            online.mark_done(layout, i, "train", {"trained": False, "why": one_line(e)})
+            return
         self.say(f"round {i}: {'resuming' if resume else 'training'} loss={self.cfg.loss.name} on "
                  f"{layout.feedback(i).name} from {tcfg.model.load_from or 'the base model'} -> {layout.run(i)}")
         with stage(f"round {i}, training ({layout.run(i)})"):
@@ -252,6 +262,8 @@ def summary(record: dict) -> str:
     parts = [f"{name} {record[name]:.3f}" for name in online.METRICS if record.get(name) is not None]
     if "items" in record:
         parts.append(f"{record['items']} prompts / {record['responses']} responses labelled")
+    if record.get("trained") is False:
+        parts.append("NOT TRAINED (no training batch in its labels)")
     return ", ".join(parts) or "no metric (labeler gives none)"
 
 

@@ -325,23 +325,26 @@ class JudgeLabeler:
         return feedback_record(item, self.signature, self.name, **feedback,
                                judge={"model": self.judge.model, "mode": self.mode, "answers": answers})
 
-    def label_scores(self, item: Item) -> Optional[dict]:
-        answers = [self.judge.ask(single_messages(RATING_TEMPLATE, item.turns, r)) for r in item.responses]
-        ratings = [parse_rating(a) for a in answers]
-        keep = [k for k, v in enumerate(ratings) if v is not None]
-        if not keep:
-            return None
-        rated = Item(item.sample_id, item.turns, tuple(item.responses[k] for k in keep), item.dataset, item.empty)
-        return self._record(rated, answers, scores=[ratings[k] for k in keep])
-
-    def label_judgments(self, item: Item) -> Optional[dict]:
-        answers = [self.judge.ask(single_messages(JUDGMENT_TEMPLATE, item.turns, r)) for r in item.responses]
-        parsed = [parse_judgment(a) for a in answers]
+    def _per_response(self, item: Item, template: str, parse, key: str) -> Optional[dict]:
+        """One request per response; the responses whose answer parses are the record's (their answers aligned
+        with them), the others go to `judge.unparsed` with their answer."""
+        answers = [self.judge.ask(single_messages(template, item.turns, r)) for r in item.responses]
+        parsed = [parse(a) for a in answers]
         keep = [k for k, v in enumerate(parsed) if v is not None]
         if not keep:
             return None
-        judged = Item(item.sample_id, item.turns, tuple(item.responses[k] for k in keep), item.dataset, item.empty)
-        return self._record(judged, answers, judgments=[None if parsed[k] == NO_ERROR else parsed[k] for k in keep])
+        kept = Item(item.sample_id, item.turns, tuple(item.responses[k] for k in keep), item.dataset, item.empty)
+        values = [None if parsed[k] == NO_ERROR else parsed[k] for k in keep]
+        record = self._record(kept, [answers[k] for k in keep], **{key: values})
+        record["judge"]["unparsed"] = [{"response": item.responses[k], "answer": answers[k]}
+                                       for k in range(len(answers)) if parsed[k] is None]
+        return record
+
+    def label_scores(self, item: Item) -> Optional[dict]:
+        return self._per_response(item, RATING_TEMPLATE, parse_rating, "scores")
+
+    def label_judgments(self, item: Item) -> Optional[dict]:
+        return self._per_response(item, JUDGMENT_TEMPLATE, parse_judgment, "judgments")
 
     def label_pairs(self, item: Item) -> Optional[dict]:
         """Every pair (i, j), i < j, in both orders (compare.py's prompt and rule): [i, j] when both orders prefer

@@ -11,7 +11,9 @@ Layout of `<cache_dir>/<exp_name>/`:
     round-<i>/run/              the round's train.py run directory (LATEST/policy.pt is the next round's start)
     round-<i>/eval_samples.json the trained policy's answers to the held-out prompts (the same every round)
     round-<i>/judge.jsonl       labeler=judge: compare.py's results against round 0's answers
-    round-<i>/done/<stage>.json a finished stage whose output is not complete by itself (labelling, training)
+    round-<i>/done/<stage>.json a finished stage whose output is not complete by itself (labelling, training);
+                                a round whose labels give the loss no training batch (e.g. DPO when every answer
+                                ties) is recorded as not trained, and the next round starts from the same policy
 
 Every file is written whole (atomic replace) or appended line by line with fsync, so a loop killed at any point
 reruns only the stage it was in: sampling again (deterministic from the seed), labelling the missing prompts,
@@ -21,6 +23,7 @@ training from its last checkpoint (train.py's resume), evaluating again.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -117,9 +120,17 @@ class Layout:
     def done(self, i: int, stage: str) -> Path:
         return self.round(i) / "done" / f"{stage}.json"
 
+    def trained(self, i: int) -> bool:
+        """Whether round i's training ran (a round whose labels give the loss no batch is not trained)."""
+        done = self.done(i, "train")
+        return not done.is_file() or json.loads(done.read_text(encoding="utf-8")).get("trained", True)
+
     def policy(self, i: int, start: str | None) -> str | None:
-        """The policy after round i: round 0 is the starting weights (model.load_from; None: the base model)."""
-        return start if i == 0 else str(self.run(i) / "LATEST" / "policy.pt")
+        """The policy after round i: round 0 is the starting weights (model.load_from; None: the base model); a
+        round that was not trained keeps the policy it started from."""
+        if i == 0:
+            return start
+        return str(self.run(i) / "LATEST" / "policy.pt") if self.trained(i) else self.policy(i - 1, start)
 
 
 def comparable(cfg: DictConfig) -> dict:

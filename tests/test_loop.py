@@ -97,6 +97,20 @@ def test_loop_resumes_after_kill_between_and_inside_rounds(tmp_path):
     assert layout.plot.read_bytes().startswith(PNG_MAGIC)
 
 
+def test_a_round_whose_labels_give_no_batch_is_not_trained(tmp_path):
+    """loss=dpo from the random init: every answer scores 0, so no pair exists; the round is recorded as not
+    trained (with a warning) and round 2 starts from the same policy instead of the loop stopping."""
+    cfg = loop.load_config([f"cache_dir={tmp_path}", "loss=dpo", "rounds=2", "prompts_per_round=4", "eval_prompts=4",
+                            *SMALL[:1], *SMALL[1:2], *SMALL[5:7]])
+    records = loop.Loop(cfg).run()
+    layout = online.Layout(tmp_path / cfg.exp_name)
+    assert [records[i].get("trained") for i in (1, 2)] == [False, False]
+    assert layout.policy(2, None) is None and not layout.run(1).exists()
+    why = json.loads(layout.done(1, "train").read_text())["why"]
+    assert "preference pairs" in why or "global batch" in why
+    assert records[2]["true_reward"] == records[0]["true_reward"] == 0.0
+
+
 def test_round_configurations(tmp_path):
     """Round i trains on its feedback file from round i-1's policy; reference=round keeps the policy's start,
     reference=start pins the loop's starting weights (`base` without model.load_from)."""
