@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import compare
-from feedbackalign import task
+from feedbackalign import builders, task
 from feedbackalign.configuration import CONFIG_DIR
 from feedbackalign.errors import ConfigError
 from feedbackalign.fileio import write_json_atomic
@@ -45,6 +45,12 @@ ROUND_RECORDS = compare.RecordKind("loop.py", "exp_name", lambda record: isinsta
 METRICS = {"true_reward": "mean true reward (0-10)", "rm_score": "mean reward-model score",
            "judge_win_rate": "judge win rate against round 0"}
 UNCHECKED = ("rounds", "resume", "overwrite")   # keys a rerun may change without mixing two experiments
+# What each labeler writes, and what each batch layout can be made of (feedbackalign/feedback.py's converters)
+GIVES = {"task": {"scores", "judgments"}, "rm": {"scores"}, "judge:scores": {"scores"}, "judge:pairs": {"pairs"},
+         "judge:judgments": {"judgments"}}
+NEEDS = {"pairs": {"scores", "pairs"}, "groups": {"scores", "pairs"}, "judged": {"judgments"},
+         "unpaired": {"scores", "pairs", "judgments"}, "sft": {"scores", "pairs", "judgments"},
+         "conditional_sft": {"scores", "pairs", "judgments"}}
 
 
 def loop_keys() -> list[str]:
@@ -79,6 +85,15 @@ def check_loop_settings(cfg: DictConfig) -> None:
     for key, ok, valid in rules:
         if not ok:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} is not valid for loop.py: use {valid}")
+    labeler = f"judge:{cfg.judge.mode}" if cfg.labeler == "judge" else cfg.labeler
+    if labeler not in GIVES:
+        raise ConfigError(f"judge.mode={cfg.judge.mode} is not valid for loop.py: use scores, pairs or judgments")
+    kind = builders.trainer_class(cfg).batch_kind
+    if not GIVES[labeler] & NEEDS[kind]:
+        fitting = [name.replace(":", " judge.mode=") for name, gives in GIVES.items() if gives & NEEDS[kind]]
+        raise ConfigError(f"loss={cfg.loss.name} trains on {' or '.join(sorted(NEEDS[kind]))} and labeler="
+                          f"{labeler.replace(':', ' judge.mode=')} gives {', '.join(sorted(GIVES[labeler]))}: use "
+                          f"labeler={' or labeler='.join(fitting)}")
 
 
 @dataclass(frozen=True)

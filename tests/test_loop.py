@@ -137,6 +137,8 @@ def test_round_configurations(tmp_path):
     (["reference=both"], "reference=both"),
     (["n_responses=4", "temperature=0"], "temperature=0"),
     (["--rounds", "2"], "unknown option --rounds"),
+    (["loss=cut", "labeler=judge", "judge.mode=scores"], "use labeler=task or labeler=judge judge.mode=judgments"),
+    (["loss=dpo", "labeler=judge", "judge.mode=judgments"], "loss=dpo trains on pairs or scores"),
 ])
 def test_bad_settings_end_in_one_line_before_any_work(tmp_path, capsys, args, phrase):
     assert loop.main([f"cache_dir={tmp_path}", *args]) == 2
