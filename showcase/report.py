@@ -392,7 +392,7 @@ def plot_online(rows: list[dict], offline: list[dict], path: Path) -> None:
         means = [rec["true_reward"] for rec in r["rounds"]]
         errors = [[m - rec["true_reward_ci95"][0] for m, rec in zip(means, r["rounds"])],
                   [rec["true_reward_ci95"][1] - m for m, rec in zip(means, r["rounds"])]]
-        ax.errorbar(rounds, means, yerr=errors, marker="o", capsize=3, color=colour, label=f"{r['run']} (online)")
+        ax.errorbar(rounds, means, yerr=errors, marker="o", capsize=3, color=colour, label=r["run"])
         if r["loss"] in offline_reward:
             ax.axhline(offline_reward[r["loss"]], color=colour, ls="--", lw=1, label=f"{r['loss']} (offline)")
     ax.axhline(offline[0]["reward"], color="0.4", ls=":", lw=1, label="SFT")
