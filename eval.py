@@ -20,7 +20,13 @@ The run's saved `config.yaml` is the configuration; every `key=value` / `++key=v
   temperature     0 = greedy; top_p: nucleus mass (no top-k), used when temperature > 0
   max_new_tokens  null: model.max_length - the prompt's length, capped at MAX_NEW_TOKENS; sampling stops at EOS
   control_token   appended to every prompt; null: the run's loader's `chosen_control_token` if it has one (CSFT)
-  alpaca_eval     also write <exp_name>.alpaca_eval.json in AlpacaEval's format (instruction, output, generator)
+  alpaca_eval     also write <exp_name>.alpaca_eval.json in AlpacaEval's format (instruction, output, generator):
+                  with ++datasets=[alpacaeval] ++n_samples=null, the `model_outputs` file `alpaca_eval evaluate`
+                  reads (AlpacaEval's 805 prompts; offline: ++data_dir=<dir with alpaca_eval/alpaca_eval.json>)
+
+HALOs' keys work too: ++saved_policy=<path> is checkpoint=<path>, ++mode=alpacaeval is mode=sample with
+datasets=[alpacaeval], alpaca_eval=true and n_samples=null, top-level human_prefix= etc. are model.human_prefix=
+...; HALOs keys with no equivalent here stop with one line naming what to use instead.
 
 `mode=sample` writes `<samples_dir>/<exp_name>.json`: {"sampled_at", "exp_name", "checkpoint", "config", "samples":
 [{"id", "prompt", "prompt_turns", "policy", "chosen", "dataset"}]}, the file compare.py reads; with n_responses = K > 1
@@ -51,7 +57,7 @@ from transformers import GenerationConfig
 
 import dataloader
 from feedbackalign import builders, checkpoints, models
-from feedbackalign.configuration import as_dict, compose
+from feedbackalign.configuration import compose, halos_overrides
 from feedbackalign.errors import CheckpointError, ConfigError, DataError, EnvError, UserError, one_line
 from feedbackalign.feedback import last_user_turn
 from feedbackalign.fileio import write_json_atomic
@@ -172,13 +178,16 @@ def is_export(path: Path) -> bool:
     return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
-def load_policy(cfg, tokenizer, path: Path, device, merge_lora: bool):
+def load_policy(cfg, tokenizer, path: Path | None, device, merge_lora: bool):
     """The trained policy in eval mode, from a model export; a peft adapter export on the run's base (LoRA); or
     the run's model with the weights of a HALOs-style policy.pt (plain, LoRA merged; peft-named weights get the
-    adapters back). `merge_lora` folds adapters in (sampling; never mode=eval: its LoRA reference is the policy
-    with adapters disabled)."""
-    if (path / "config.json").is_file():
-        policy = models.build_model(str(path), builders.model_dtype(cfg.model.policy_dtype, device),
+    adapters back); path None (checkpoint=base): the config's own model with its model.load_from. `merge_lora`
+    folds adapters in (sampling; never mode=eval: its LoRA reference is the policy with adapters disabled)."""
+    if path is None:
+        policy = builders.build_policy(cfg, tokenizer, device, lora=False, in_4bit=False,
+                                       activation_checkpointing=False)
+    elif (path / "config.json").is_file():
+        policy = models.build_model(str(path), models.torch_dtype(cfg.model.policy_dtype),
                                     attn_implementation=cfg.model.attn_implementation).to(device)
     elif path.is_dir():
         from peft import PeftModel
@@ -201,7 +210,7 @@ def load_policy(cfg, tokenizer, path: Path, device, merge_lora: bool):
                                   f"unexpected {unexpected[:3]}")
     if merge_lora and models.is_lora(policy):
         policy = policy.merge_and_unload()
-    return policy.eval()
+    return models.compute_in(policy.eval(), models.compute_dtype(cfg.model))
 
 
 def read_weights(path: Path) -> dict:
@@ -239,9 +248,7 @@ def control_token(cfg) -> str:
     """`control_token`, else the run's loader's `chosen_control_token` option (CSFT conditions on <|good|>)."""
     if cfg.control_token is not None:
         return str(cfg.control_token)
-    loader_class = builders.dataloader_class(cfg, builders.trainer_class(cfg))
-    options = {**loader_class.OPTIONS, **as_dict(cfg.loss.get("data"))}
-    return options.get("chosen_control_token") or ""
+    return builders.loader_options(cfg).get("chosen_control_token") or ""
 
 
 def prompt_texts(cfg, tokenizer, examples) -> list[str]:
@@ -326,7 +333,7 @@ def generate_vllm(model_dir: Path, tokenizer, prompt_ids: list[list[int]], budge
     if missing:
         raise EnvError(f"backend=vllm needs {' and '.join(missing)}: use backend=hf")
     greedy, stops = cfg.temperature == 0, stop_ids(tokenizer)
-    llm = LLM(model=str(model_dir), seed=cfg.seed, dtype=cfg.model.policy_dtype)
+    llm = LLM(model=str(model_dir), seed=cfg.seed, dtype=str(models.compute_dtype(cfg.model)).removeprefix("torch."))
     params = [SamplingParams(n=n_responses, temperature=float(cfg.temperature), top_p=1.0 if greedy else
                              float(cfg.top_p), max_tokens=b, stop_token_ids=stops, seed=cfg.seed + k)
               for k, b in enumerate(budgets)]
@@ -378,19 +385,17 @@ def sample(cfg, run_dir: Path | None, out: Path | None = None) -> Path:
     <samples_dir>/<exp_name>.json) and the AlpacaEval file."""
     backend, path, full = sampling_plan(cfg, run_dir)
     k = int(cfg.n_responses)
-    tokenizer = models.load_tokenizer(cfg.model.tokenizer_name_or_path)
+    tokenizer = builders.build_tokenizer(cfg)
     examples = eval_examples(cfg, cfg.split, cfg.n_samples)
+    if cfg.alpaca_eval and "alpacaeval" in cfg.datasets:
+        warn_partial_alpacaeval(cfg, len(examples))
     prompts = prompt_texts(cfg, tokenizer, examples)
     ids = encode(tokenizer, prompts, cfg.model.max_prompt_length)
     budgets = token_budgets(cfg, ids)
     if backend == "vllm":
         output_ids = generate_vllm(full, tokenizer, ids, budgets, cfg, n_responses=k)
     else:
-        if path is None:
-            policy = builders.build_policy(cfg, tokenizer, device_of(), lora=False, in_4bit=False,
-                                           activation_checkpointing=False).eval()
-        else:
-            policy = load_policy(cfg, tokenizer, path, device_of(), merge_lora=True)
+        policy = load_policy(cfg, tokenizer, path, device_of(), merge_lora=True)
         output_ids = generate_hf(policy, tokenizer, [x for x in ids for _ in range(k)],
                                  [b for b in budgets for _ in range(k)], cfg)
     outputs = [decode(tokenizer, x) for x in output_ids]
@@ -415,6 +420,14 @@ def sample(cfg, run_dir: Path | None, out: Path | None = None) -> Path:
     return out
 
 
+def warn_partial_alpacaeval(cfg, n_sampled: int) -> None:
+    """`alpaca_eval evaluate` scores a model on all of AlpacaEval's prompts: say so when fewer are sampled."""
+    total = len(eval_examples(cfg, cfg.split, None))
+    if n_sampled < total:
+        print(f"eval.py: warning: n_samples={cfg.n_samples} samples {n_sampled} of the {total} prompts; a leaderboard "
+              "number from alpaca_eval needs all of AlpacaEval's: set ++n_samples=null", file=sys.stderr, flush=True)
+
+
 def evaluate(cfg, run_dir: Path) -> dict:
     """The run's own loss and metrics on the split, with its Trainer subclass, loader and reference."""
     path = checkpoint_path(cfg.checkpoint, run_dir)
@@ -424,6 +437,8 @@ def evaluate(cfg, run_dir: Path) -> dict:
     loader = builders.build_loader(cfg, tokenizer, split=cfg.split, train=False)
     policy = load_policy(cfg, tokenizer, path, device, merge_lora=False)
     reference = builders.build_reference(cfg, tokenizer, device, policy=policy, policy_is_initial=False)
+    if reference is not None:
+        models.compute_in(reference, models.compute_dtype(cfg.model))
     heads = trainer_class.make_heads(policy)
     checkpoints.load_heads(path.parent, heads)
     trainer = trainer_class(cfg, tokenizer, policy, reference, loader, loader, run_dir, heads=heads)
@@ -444,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         run_dir, name, overrides = parse_args(argv)
-        cfg = load_config(run_dir, name, overrides)
+        cfg = load_config(run_dir, name, halos_overrides(overrides, "eval.py"))
         check_settings(cfg)
         builders.seed_everything(cfg.seed, False)
         (sample if cfg.mode == "sample" else evaluate)(cfg, run_dir)

@@ -24,11 +24,12 @@ from tqdm import tqdm
 
 import losses
 from dataloader import PromptFormat
-from feedbackalign import checkpoints, distributed, throughput
+from feedbackalign import chat_templates, checkpoints, distributed, throughput
 from feedbackalign.batches import Batch
 from feedbackalign.errors import ConfigError, TrainingError
 from feedbackalign.logprobs import TokenLogps, sequence_logps
-from feedbackalign.models import is_lora, is_quantized
+from feedbackalign.models import compute_dtype, is_lora, is_quantized
+from feedbackalign.progress import progress
 
 TIMING_METRICS = ("tokens/s", "computed_tokens/s", "examples/s", "s/step", "mfu")  # wall-clock dependent
 Logps = dict[str, TokenLogps]  # batch part name -> its rows' log-probs
@@ -63,7 +64,7 @@ class BasicTrainer:
         self.reference_cache = reference_cache
         self.heads = torch.nn.ModuleDict(heads or {})
         self.device = next(policy.parameters()).device
-        self.peak_flops = throughput.peak_flops(config.peak_flops, self.device, next(policy.parameters()).dtype)
+        self.peak_flops = throughput.peak_flops(config.peak_flops, self.device, compute_dtype(config.model))
         self.meter = throughput.Meter(policy.config)
         self.layout = config.model.forward_layout
         # every trained module under one root, so checkpoints gather policy + heads with one state dict call
@@ -244,7 +245,9 @@ class BasicTrainer:
         self.policy.eval()
         per_example: dict[str, list[torch.Tensor]] = {}
         self.eval_loader.load_state_dict(self.eval_start)
-        for batch in self.eval_loader:
+        batches = progress(self.eval_loader, desc="eval", total=len(self.eval_loader), unit="batch", rank=self.rank,
+                           leave=False)
+        for batch in batches:
             context = self.step_context([batch])
             policy, reference = self.forward(batch)
             loss, metrics = self.loss(batch, policy, reference, context)
@@ -264,7 +267,7 @@ class BasicTrainer:
         if self.config.wandb.enabled:
             import wandb
 
-            wandb.log(metrics, step=self.examples_seen)
+            wandb.log({**metrics, "examples": self.examples_seen})  # the x axis (train.start_wandb)
 
     def train(self) -> None:
         """Run until the loader is exhausted: eval every `eval_every` examples, checkpoint, final save."""
@@ -309,11 +312,15 @@ class BasicTrainer:
         return checkpoints.TrainState(self.trained_modules, self.optimizer, self.scheduler, progress)
 
     def save(self, intermediate: bool = False) -> None:
+        """Sharded state every time; policy.pt (gathered) in the final checkpoint, or in every one with
+        consolidate_checkpoints=all; the hf/ export with the final one (export_hf)."""
         cfg = self.config
+        template = chat_templates.export_template(self.tokenizer, PromptFormat.from_config(cfg.model))
         checkpoints.save(self.run_dir, self.train_state(), tokenizer=self.tokenizer, rank=self.rank,
                          world_size=self.world_size, keep=cfg.keep_checkpoints,
+                         consolidate=not intermediate or cfg.consolidate_checkpoints == "all",
                          export=cfg.export_hf and not intermediate, merge_lora=cfg.model.lora.merge_on_export,
-                         score_head=self.score_head)
+                         chat_template=template, score_head=self.score_head)
 
     def resume_from(self, run_dir) -> None:
         """Policy, heads, optimizer, scheduler, RNG, step and data position from run_dir/LATEST; metrics logged

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 import compare
 import dataloader
 from feedbackalign import task
 from feedbackalign.errors import ConfigError, DataError, EnvError
 from feedbackalign.feedback import last_user_turn
+from feedbackalign.progress import progress
 
 LABELERS = ("task", "rm", "judge")
 JUDGE_MODES = ("scores", "pairs", "judgments")
@@ -94,7 +94,7 @@ class Sink:
 
     def __init__(self, log: compare.ResultsLog, total: int):
         self.log, self.path = log, log.path
-        self.bar = tqdm(total=total, desc="label", unit="prompt", dynamic_ncols=True, disable=None)
+        self.bar = progress(total=total, desc="label", unit="prompt")
         self.written, self.unlabelled = 0, 0
         self._lock = threading.Lock()
 
