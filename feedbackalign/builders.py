@@ -321,7 +321,8 @@ def whole_models(cfg: DictConfig, tokenizer, policy, device: torch.device, *, wo
 def sharded_models(cfg: DictConfig, tokenizer, policy, device: torch.device, *, world_size: int, caching: bool):
     """FSDP2: every rank shards an empty copy of the policy and receives rank 0's tensors into its shards, one
     tensor at a time; the reference's shards are then copied on each rank from the policy's, cast to
-    reference_dtype (no second read, broadcast or host copy)."""
+    reference_dtype (no second read, broadcast or host copy). With model.reference_load_from the reference has
+    weights of its own: rank 0 reads them and they reach its shards the way the policy's do."""
     p = precision(cfg)
     empty = next(policy.parameters()).is_meta
     if reference_source(cfg, policy) is not None:   # other weights than the policy's: read by rank 0 as well

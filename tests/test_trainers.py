@@ -244,9 +244,13 @@ def test_grpo_at_the_reference_is_minus_the_token_weighted_advantage(tmp_path):
     assert (metrics["rewards/margins"] == 0).all()
 
 
-def test_reference_load_from_gives_the_reference_other_weights(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_reference_load_from_gives_the_reference_other_weights(tmp_path, fsdp):
     """model.reference_load_from: the reference from a policy.pt, or `base` (the model without model.load_from,
-    loop.py's reference=start from a base model), while the policy starts from model.load_from."""
+    loop.py's reference=start from a base model), while the policy starts from model.load_from; whole, and
+    sharded by FSDP2 (rank 0 reads the reference's own weights into its shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     from feedbackalign import models
     from feedbackalign.errors import ConfigError
 
@@ -255,12 +259,17 @@ def test_reference_load_from_gives_the_reference_other_weights(tmp_path):
     base = models.build_model("tiny", torch.float32, seed=0).state_dict()
 
     def same(model, state):
-        return all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return all(torch.equal(v, state[k]) for k, v in full.items())
 
-    trainer = make_trainer(tmp_path / "a", "loss=dpo", f"model.reference_load_from={tmp_path / 'other.pt'}")
+    sharding = [f"use_fsdp={str(fsdp).lower()}"]
+    trainer = make_trainer(tmp_path / "a", "loss=dpo", f"model.reference_load_from={tmp_path / 'other.pt'}",
+                           *sharding)
     assert same(trainer.reference, other.state_dict()) and same(trainer.policy, base)
     trainer = make_trainer(tmp_path / "b", "loss=dpo", f"model.load_from={tmp_path / 'other.pt'}",
-                           "model.reference_load_from=base")
+                           "model.reference_load_from=base", *sharding)
     assert same(trainer.reference, base) and same(trainer.policy, other.state_dict())
+    if fsdp:
+        return
     with pytest.raises(ConfigError, match="model.reference_load_from=base needs full fine-tuning"):
         make_trainer(tmp_path / "c", "loss=dpo", "model.lora.enabled=true", "model.reference_load_from=base")
