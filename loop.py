@@ -29,8 +29,9 @@ as they were (overwrite=true starts over).
 
 Stages run in this process, one after another, on this node: training spawns one process per visible GPU as
 train.py does; under torchrun it refuses (each rank would run the whole loop). At 7B on 8 GPUs, sampling with
-backend=auto uses vLLM when it is installed (it needs a full export: export_hf=true, the default), and the
-reward model or judge labels between trainings; the reward model is loaded only for its stage.
+backend=auto uses vLLM when it is installed and the policy has a full export (a round's LATEST/hf with
+export_hf=true, the default; a starting hub model without model.load_from), and the reward model or judge labels
+between trainings; the reward model is loaded only for its stage.
 Exit codes: 0 done; 2 a user error (one line naming the key, file or stage); 3 the judge kept failing (rerun);
 130 interrupted (rerun).
 """

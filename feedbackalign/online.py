@@ -187,8 +187,11 @@ def with_keys(cfg: DictConfig, values: dict) -> DictConfig:
 
 def sampling_config(cfg: DictConfig, eval_defaults: dict, *, policy: str | None, split: str, n_prompts: int,
                     n_responses: int, seed: int) -> DictConfig:
-    """eval.py's configuration to sample `policy` (checkpoint=base: the model with model.load_from=policy)."""
-    keys = {**eval_defaults, "mode": "sample", "checkpoint": "base", "split": split, "n_samples": n_prompts,
+    """eval.py's configuration to sample `policy`: its run's save_pretrained export when the round wrote one
+    (export_hf=true: vLLM can load it), else checkpoint=base, the model with model.load_from=policy."""
+    export = Path(policy).parent / "hf" if policy else None
+    checkpoint = str(export) if export is not None and (export / "config.json").is_file() else "base"
+    keys = {**eval_defaults, "mode": "sample", "checkpoint": checkpoint, "split": split, "n_samples": n_prompts,
             "n_responses": n_responses, "temperature": cfg.temperature, "top_p": cfg.top_p,
             "max_new_tokens": cfg.max_new_tokens, "seed": seed, "model.load_from": policy}
     return with_keys(train_config(cfg), keys)

@@ -129,6 +129,12 @@ def test_round_configurations(tmp_path):
                                       n_responses=4, seed=3)
     assert (sampling.checkpoint, sampling.model.load_from, sampling.n_responses, sampling.seed) == ("base", "/p.pt",
                                                                                                      4, 3)
+    export = tmp_path / "run" / "LATEST" / "hf"   # a round with export_hf=true: its export (what vLLM loads)
+    export.mkdir(parents=True)
+    (export / "config.json").write_text("{}")
+    sampling = online.sampling_config(cfg, loop.eval_script.DEFAULTS, policy=str(export.parent / "policy.pt"),
+                                      split="test", n_prompts=5, n_responses=1, seed=0)
+    assert sampling.checkpoint == str(export)
 
 
 @pytest.mark.parametrize("args, phrase", [
@@ -167,7 +173,8 @@ def test_a_rerun_must_keep_the_settings_and_a_loop_needs_its_own_directory(tmp_p
 def test_judge_labels_and_win_rate_in_the_loop(tmp_path, monkeypatch):
     """labeler=judge (CUT-style judgments from an OpenAI-compatible server on 127.0.0.1, through compare.py's
     client) for loss=cut, and the judge's win rate of round 1 against round 0 on the held-out answers (both
-    orders, resumable results next to the round)."""
+    orders, resumable results next to the round); with export_hf=true the round's policy is sampled from its
+    save_pretrained export (what vLLM loads on a GPU)."""
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     server = TaskJudge()
     try:
@@ -175,7 +182,7 @@ def test_judge_labels_and_win_rate_in_the_loop(tmp_path, monkeypatch):
                                 f"judge.base_url={server.url}", "judge.model=judge-1", "rounds=1",
                                 "prompts_per_round=6", "n_responses=2", "eval_prompts=6", "datasets=[wordsort]",
                                 "++dataset_options.wordsort.n_prompts=64", "max_new_tokens=12", "model.batch_size=4",
-                                "export_hf=false"])
+                                "export_hf=true"])
         records = loop.Loop(cfg).run()
     finally:
         server.close()
@@ -185,3 +192,5 @@ def test_judge_labels_and_win_rate_in_the_loop(tmp_path, monkeypatch):
     assert 0 <= records[1]["judge_win_rate"] <= 1 and "judge_win_rate" not in records[0]
     summary = json.loads(layout.judge_results(1).with_name("judge.jsonl.summary.json").read_text())
     assert summary["n"] == 6 and summary["win"]["rate"] == records[1]["judge_win_rate"]
+    sampled_from = json.loads(layout.eval_samples(1).read_text())["checkpoint"]   # the round's HF export
+    assert sampled_from == str(layout.run(1) / "LATEST" / "hf")
