@@ -4,7 +4,8 @@ command line's names and keys are known to exist, before data, models and disk).
 
 Loss hyper-parameters are checked by key wherever a loss config has one, with the range the paper defines:
 temperatures and scales (beta, tau, alpha, cliprange, delta) are > 0, weights and coefficients >= 0,
-probabilities and discounts in their intervals. A new loss whose keys are not listed here gets no check.
+probabilities and discounts in their intervals; TRAINER_RANGES holds a trainer's own meaning of a shared key
+(GRPO's beta is a KL weight, 0 allowed). A new loss whose keys are not listed here gets no check.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ LOSS_RANGES = {
     "cliprange": Interval(0.0, 1.0, low_open=True, high_open=True, why="PPO clips the ratio to [1 - c, 1 + c]"),
     "critic_coef": Interval(0.0, why="PPO's value-loss weight"),
     "kl_coef": Interval(0.0, why="PPO's KL-penalty weight"),
+    "epsilon": Interval(0.0, 1.0, low_open=True, high_open=True, why="GRPO clips the ratio to [1 - epsilon, "
+                                                                     "1 + epsilon]"),
+}
+# where a trainer gives a key another meaning than LOSS_RANGES' (loss.trainer: {key: range})
+TRAINER_RANGES = {
+    "GRPOTrainer": {"beta": Interval(0.0, why="GRPO's KL-penalty weight (0: no penalty)")},
 }
 LR_SCHEDULES = ("constant", "linear", "cosine")
 LAYOUTS = ("packed", "padded")
@@ -180,7 +187,8 @@ def check_model(cfg: DictConfig, world_size: int) -> None:
 
 def check_loss(cfg: DictConfig, world_size: int) -> None:
     loss = cfg.get("loss")
-    for key, rule in LOSS_RANGES.items():
+    ranges = {**LOSS_RANGES, **TRAINER_RANGES.get(str(loss.get("trainer")) if loss is not None else "", {})}
+    for key, rule in ranges.items():
         if isinstance(loss, DictConfig) and key in loss:
             number(cfg, f"loss.{key}", rule)
     if loss is not None and "desirable_weight" in loss and "undesirable_weight" in loss and \

@@ -129,6 +129,8 @@ BAD_VALUES = [
     (["loss=cut", "loss.weight_unlike=-1"], "loss.weight_unlike=-1 must be >= 0"),
     (["loss=ppo", "loss.cliprange=1.5"], r"loss.cliprange=1.5 must be in \(0, 1\)"),
     (["loss=ppo", "loss.gamma=1.1"], r"loss.gamma=1.1 must be in \[0, 1\]"),
+    (["loss=grpo", "loss.epsilon=0"], r"loss.epsilon=0 must be in \(0, 1\)"),
+    (["loss=grpo", "loss.beta=-0.01"], r"loss.beta=-0.01 must be >= 0 \(GRPO's KL-penalty weight"),
     (["model.batch_size=6", "model.gradient_accumulation_steps=4"],
      r"model.batch_size=6 must be a multiple of processes x model.gradient_accumulation_steps = 1 x 4 = 4"),
     (["model.batch_size=0"], "model.batch_size=0 must be an integer >= 1"),

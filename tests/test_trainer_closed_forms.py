@@ -5,7 +5,9 @@ wrong beta or a reference part mixed up passes unseen. Here each trainer first t
 KTO), so the policy moves away from its reference, then scores a batch it has not trained on, with non-default
 hyper-parameters; the expected values come from plain-float formulas over log-probs computed by a separate,
 unpacked, one-sequence-at-a-time forward of the real models (no logprobs.py, no losses.py): per-example losses,
-the reported rewards, and KTO's reference point z0 over one and over two accumulated microbatches.
+the reported rewards, and KTO's reference point z0 over one and over two accumulated microbatches. PPO is
+checked for its wiring into losses.ppo_loss (its formula is test_losses.py's); the reward model and GRPO from
+their formulas.
 """
 
 from __future__ import annotations
@@ -279,3 +281,50 @@ def test_ppo_wiring(tmp_path):
     value, metrics = loss_of(trainer, batch)
     assert [value.item(), metrics["loss/policy"].item(), metrics["loss/critic"].item(), metrics["kl"].item()] == \
         pytest.approx([e.item() for e in expected], rel=1e-3, abs=1e-5)
+
+
+def test_reward_model_bradley_terry(tmp_path):
+    """-log σ(s_c - s_r), s = the score head on the last hidden state at the position predicting a sequence's last
+    response token (what a sequence classifier reads)."""
+    trainer, batch = moved(tmp_path, "rm")
+    head = trainer.heads["score"]
+
+    def score(sequence) -> float:
+        ids = list(sequence.prompt_ids) + list(sequence.response_ids)
+        with torch.no_grad():
+            hidden = trainer.policy(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+            return head(hidden[len(ids) - 2]).item()
+
+    scores = [(score(c), score(r)) for c, r in zip(batch.parts["chosen"], batch.parts["rejected"])]
+    value, metrics = loss_of(trainer, batch)
+    expected = [-logsig(sc - sr) for sc, sr in scores]
+    assert metrics["loss"].tolist() == approx(expected) and value.item() == approx(sum(expected) / len(expected))
+    assert metrics["rewards/chosen"].tolist() == approx([sc for sc, _ in scores])
+    assert metrics["rewards/rejected"].tolist() == approx([sr for _, sr in scores])
+    assert_away_from_zero([sc - sr for sc, sr in scores])
+
+
+def test_grpo(tmp_path):
+    """Token mean of -min(A r, A clip(r, 1 - ε, 1 + ε)) + β (exp(q - p) - (q - p) - 1), r = exp(p - q), A the
+    group's standardised reward (population std + 0.01); ε small enough that some tokens clip."""
+    beta, epsilon = 0.05, 0.02
+    trainer, batch = moved(tmp_path, "grpo", f"loss.beta={beta}", f"loss.epsilon={epsilon}")
+    rewards = batch.values["rewards"].tolist()
+    k = len(rewards[0])
+    terms, kls, clipped = [], [], 0
+    for b, row in enumerate(rewards):
+        mean = sum(row) / k
+        std = math.sqrt(sum((r - mean) ** 2 for r in row) / k)
+        for j, sequence in enumerate(batch.parts["responses"][b * k:(b + 1) * k]):
+            advantage = (row[j] - mean) / (std + 0.01)
+            for p, q in zip(token_logps(trainer.policy, sequence), token_logps(trainer.reference, sequence)):
+                ratio = math.exp(p - q)
+                bounded = min(max(ratio, 1 - epsilon), 1 + epsilon)
+                kl = math.exp(q - p) - (q - p) - 1
+                terms.append(-min(advantage * ratio, advantage * bounded) + beta * kl)
+                kls.append(kl)
+                clipped += advantage * bounded < advantage * ratio
+    value, metrics = loss_of(trainer, batch)
+    assert 0 < clipped < len(terms)
+    assert value.item() == approx(sum(terms) / len(terms))
+    assert metrics["kl"].item() == approx(sum(kls) / len(kls))
