@@ -122,8 +122,9 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 
 def _chunk_logits(hidden, weight, bias, dtype) -> torch.Tensor:
-    """(rows, H) x (V, H)^T (+ b) in `dtype`, returned in fp32."""
-    return F.linear(hidden.to(dtype), weight, None if bias is None else bias.to(dtype)).float()
+    """(rows, H) x (V, H)^T (+ b) in `dtype`, returned in fp32 (fp64 stays fp64)."""
+    logits = F.linear(hidden.to(dtype), weight, None if bias is None else bias.to(dtype))
+    return logits.to(torch.promote_types(dtype, torch.float32))
 
 
 class LinearLabelLogps(torch.autograd.Function):
@@ -146,7 +147,7 @@ class LinearLabelLogps(torch.autograd.Function):
                 lse.append(torch.logsumexp(z, dim=-1))
                 picked.append(z.gather(-1, y.unsqueeze(-1)).squeeze(-1))
                 del z
-        lse = torch.cat(lse) if lse else hidden.new_zeros(0, dtype=torch.float32)
+        lse = torch.cat(lse) if lse else hidden.new_zeros(0, dtype=torch.promote_types(dtype, torch.float32))
         ctx.dtype = dtype
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         return (torch.cat(picked) if picked else lse) - lse
@@ -160,7 +161,7 @@ class LinearLabelLogps(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros_like(bias) if need_b and bias is not None else None
         w = weight.to(dtype)
-        grad = grad.float()
+        grad = grad.to(lse.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], rows):
                 part = slice(start, start + rows)
