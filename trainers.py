@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import losses
-from feedbackalign import checkpoints, distributed, throughput
+from feedbackalign import checkpoints, distributed, logprobs, throughput
 from feedbackalign.batches import Batch
 from feedbackalign.errors import ConfigError, TrainingError
 from feedbackalign.logprobs import TokenLogps, forward_options, sequence_logps
@@ -98,8 +98,7 @@ class BasicTrainer:
         """The policy's log-probs of the batch's `parts` in one forward (with the graph unless grad=False)."""
         sequences = batch.sequences(parts)
         with nullcontext() if grad else torch.no_grad():
-            values = sequence_logps(self.policy, sequences, self.tokenizer.pad_token_id,
-                                    with_hidden=self.needs_hidden and grad, **self.forward_options)
+            values = self.sequence_logps(self.policy, sequences, with_hidden=self.needs_hidden and grad)
         self.meter.record(values, sequences, backward=grad)
         return batch.split(values, parts)
 
@@ -113,9 +112,20 @@ class BasicTrainer:
         else:
             model = self.reference if self.reference is not None else self.policy
             with self.policy.disable_adapter() if self.reference is None and is_lora(self.policy) else nullcontext():
-                values = sequence_logps(model, sequences, self.tokenizer.pad_token_id, **self.forward_options)
+                values = self.sequence_logps(model, sequences)
             self.meter.record(values, sequences, backward=False, policy=False)
         return batch.split(values, parts)
+
+    def sequence_logps(self, model, sequences, with_hidden: bool = False) -> TokenLogps:
+        """logprobs.sequence_logps with the run's forward options; a sharded model's ranks first agree on the
+        number of packed forwards (the token budget splits each rank's microbatch its own way)."""
+        forwards = logprobs.forward_count(sequences, **self.forward_options)
+        if distributed.is_sharded(model) and self.world_size > 1 and self.forward_options["max_tokens"]:
+            count = torch.tensor([forwards], device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            forwards = int(count.item())
+        return sequence_logps(model, sequences, self.tokenizer.pad_token_id, with_hidden=with_hidden,
+                              forwards=forwards, **self.forward_options)
 
     def forward(self, batch: Batch, *, grad: bool = True) -> tuple[Logps, Logps | None]:
         """(policy, reference) log-probs of the parts the loss scores."""

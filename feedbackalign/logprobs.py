@@ -589,9 +589,14 @@ def _packed_forward(model, sequences, with_hidden: bool, attention: str) -> tupl
 
 
 def packed_logps(model, sequences, with_hidden: bool = False, *, max_tokens: int | None = None,
-                 attention: str = "auto") -> TokenLogps:
+                 attention: str = "auto", forwards: int = 1) -> TokenLogps:
     """The flat, prefix-shared layout in forwards of at most `max_tokens` packed tokens (`forward_split`);
-    numerically the padded layout's values. `attention`: model.packed_attention."""
+    numerically the padded layout's values. `attention`: model.packed_attention.
+
+    `forwards`: run at least this many forwards. A model sharded with FSDP needs every rank to run the same
+    forwards (each gathers the weights with the other ranks), and ranks split their own microbatches; a rank
+    with fewer forwards than agreed adds forwards of its shortest sequence, tied into the result with weight 0 so
+    that its backward runs too, with zero gradient."""
     _check_prompts(sequences)
     split = forward_split(sequences, max_tokens)
     values, hiddens, order = [], [], []
@@ -601,6 +606,12 @@ def packed_logps(model, sequences, with_hidden: bool = False, *, max_tokens: int
         values.append(v)
         hiddens.append(h)
         order += indices
+        tokens += layout.input_ids.shape[1]
+        logits += n_logits
+    shortest = min(sequences, key=lambda s: len(s.prompt_ids) + len(s.response_ids))
+    for _ in range(forwards - len(split)):
+        padding, _, layout, n_logits = _packed_forward(model, [shortest], False, attention)
+        values[0] = values[0] + 0.0 * padding.sum()
         tokens += layout.input_ids.shape[1]
         logits += n_logits
     lengths = [len(s.response_ids) for s in sequences]
@@ -632,12 +643,18 @@ def forward_options(model_config) -> dict:
             "attention": model_config.packed_attention}
 
 
+def forward_count(sequences, layout: str = "packed", max_tokens: int | None = None, **_) -> int:
+    """Forwards `sequence_logps` runs for `sequences` (ranks of a sharded model agree on the largest)."""
+    return len(forward_split(sequences, max_tokens)) if layout == "packed" else 1
+
+
 def sequence_logps(model, sequences, pad_token_id: int, layout: str = "packed", with_hidden: bool = False, *,
-                   max_tokens: int | None = None, attention: str = "auto") -> TokenLogps:
+                   max_tokens: int | None = None, attention: str = "auto", forwards: int = 1) -> TokenLogps:
     """Response-aligned token log-probs of `sequences` under `model`, in the chosen layout (`pad_token_id` fills
-    the padded layout; `max_tokens` and `attention` shape the packed one)."""
+    the padded layout; `max_tokens`, `attention` and `forwards` shape the packed one)."""
     if layout == "packed":
-        return packed_logps(model, sequences, with_hidden, max_tokens=max_tokens, attention=attention)
+        return packed_logps(model, sequences, with_hidden, max_tokens=max_tokens, attention=attention,
+                            forwards=forwards)
     if layout == "padded":
         return padded_logps(model, sequences, pad_token_id, with_hidden)
     raise ConfigError(f"model.forward_layout={layout} is unknown: use packed or padded")
