@@ -32,7 +32,9 @@ see: the CUDA context and allocator fragmentation (~1-3 GiB on a GPU; compare wi
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -405,19 +407,46 @@ def _sharded(cfg, world_size) -> bool:
     return builders.use_fsdp(cfg, world_size)
 
 
+def measured_peak(function, device: torch.device):
+    """(function(), the peak bytes torch allocated while it ran, above what was allocated before): CUDA's
+    allocator statistics (`max_memory_allocated`); on CPU, which keeps no such statistics, the running sum of the
+    profiler's allocation events (slow: every operator is recorded)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = function()
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = function()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return result, peak
+
+
 @contextmanager
 def offline():
     """Hub and datasets libraries in offline mode (cache and local files only) for the block, whatever the
     environment says: a dry run never downloads, and never waits on a network that is not there."""
-    import datasets
     from huggingface_hub import constants
 
-    before = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    modules = [constants] + [m for m in [sys.modules.get("datasets.config")] if m is not None]  # datasets reads
+    before = [m.HF_HUB_OFFLINE for m in modules]  # huggingface_hub's value when it is imported later
+    for module in modules:
+        module.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
-        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = before
+        for module, value in zip(modules, before):
+            module.HF_HUB_OFFLINE = value
 
 
 def dry_run(cfg: DictConfig) -> None:

@@ -4,14 +4,12 @@ forms, its meta-device trace against a real forward, and the plan against the pe
 
 from __future__ import annotations
 
-import gc
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from feedbackalign import builders, memory, models
 from helpers import REPO, make_config, run_script
@@ -97,23 +95,12 @@ def test_tokens_are_measured_on_the_data_or_bounded_by_max_lengths(tmp_path, mid
     assert fallback.packed == bound.packed and "data not at hand: cannot load tokenizer" in fallback.source
 
 
-def measured_peak(cfg) -> float:
-    """Peak bytes allocated by torch while the real trainer is built and runs two optimizer steps (the second
-    has AdamW's moments), from the profiler's allocation events."""
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer = builders.build_trainer(cfg, 0, 1, torch.device("cpu"))
-        batches = iter(trainer.train_loader)
-        for _ in range(2):
-            trainer.train_step([next(batches)])
-        del trainer, batches
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+def two_steps(cfg):
+    """The real trainer built and run for two optimizer steps (the second has AdamW's moments)."""
+    trainer = builders.build_trainer(cfg, 0, 1, torch.device("cpu"))
+    batches = iter(trainer.train_loader)
+    for _ in range(2):
+        trainer.train_step([next(batches)])
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -122,7 +109,7 @@ def test_plan_is_within_25_percent_of_the_measured_cpu_peak(tmp_path, mid_archit
     the real trainer allocated (weights, reference, gradients, AdamW, activations, logits)."""
     cfg = make_config(tmp_path, *MID_RUN, f"model.activation_checkpointing={str(checkpointing).lower()}")
     planned = memory.plan(cfg, 1, device="cpu").peak
-    measured = measured_peak(cfg)
+    _, measured = memory.measured_peak(lambda: two_steps(cfg), torch.device("cpu"))
     print(f"checkpointing={checkpointing}: planned {planned / GIB:.3f} GiB, measured {measured / GIB:.3f} GiB "
           f"({planned / measured - 1:+.1%})")
     assert abs(planned / measured - 1) <= 0.25
