@@ -22,11 +22,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import losses
-from feedbackalign import checkpoints, distributed, logprobs, throughput
+from dataloader import PromptFormat
+from feedbackalign import chat_templates, checkpoints, distributed, logprobs, throughput
 from feedbackalign.batches import Batch
 from feedbackalign.errors import ConfigError, TrainingError
 from feedbackalign.logprobs import TokenLogps, forward_options, sequence_logps
 from feedbackalign.models import is_lora
+from feedbackalign.progress import progress
 
 GRADIENT_SYNC = ("last_microbatch", "every_microbatch")  # model.gradient_sync (FSDP2 reduce-scatter in accumulation)
 TIMING_METRICS = ("tokens/s", "computed_tokens/s", "examples/s", "s/step", "mfu")  # wall-clock dependent
@@ -261,7 +263,9 @@ class BasicTrainer:
         self.policy.eval()
         per_example: dict[str, list[torch.Tensor]] = {}
         self.eval_loader.load_state_dict(self.eval_start)
-        for batch in self.eval_loader:
+        batches = progress(self.eval_loader, desc="eval", total=len(self.eval_loader), unit="batch", rank=self.rank,
+                           leave=False)
+        for batch in batches:
             context = self.step_context([batch])
             policy, reference = self.forward(batch)
             loss, metrics = self.loss(batch, policy, reference, context)
@@ -281,7 +285,7 @@ class BasicTrainer:
         if self.config.wandb.enabled:
             import wandb
 
-            wandb.log(metrics, step=self.examples_seen)
+            wandb.log({**metrics, "examples": self.examples_seen})  # the x axis (train.start_wandb)
 
     def train(self) -> None:
         """Run until the loader is exhausted: eval every `eval_every` examples, checkpoint, final save."""
@@ -327,9 +331,11 @@ class BasicTrainer:
 
     def save(self, intermediate: bool = False) -> None:
         cfg = self.config
+        template = chat_templates.export_template(self.tokenizer, PromptFormat.from_config(cfg.model))
         checkpoints.save(self.run_dir, self.train_state(), tokenizer=self.tokenizer, rank=self.rank,
                          world_size=self.world_size, keep=cfg.keep_checkpoints,
-                         export=cfg.export_hf and not intermediate, merge_lora=cfg.model.lora.merge_on_export)
+                         export=cfg.export_hf and not intermediate, merge_lora=cfg.model.lora.merge_on_export,
+                         chat_template=template)
 
     def resume_from(self, run_dir) -> None:
         """Policy, heads, optimizer, scheduler, RNG, step and data position from run_dir/LATEST; metrics logged

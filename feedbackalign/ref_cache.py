@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from feedbackalign.checkpoints import plain_name
 from feedbackalign.batches import Sequence
 from feedbackalign.errors import CheckpointError
 from feedbackalign.logprobs import TokenLogps, forward_options, forward_split, sequence_logps
 from feedbackalign.models import is_lora
+from feedbackalign.progress import progress
 
 QUERY_CHUNK = 500  # keys per SQL `IN (...)` (SQLite's variable limit is larger; this keeps statements short)
 
@@ -48,10 +48,14 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
     LoRA adapter weights are left out: the reference of a LoRA run is the base with adapters disabled."""
     h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted((plain_name(n), t) for n, t in model.state_dict().items() if "lora_" not in n):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    tensors = sorted((plain_name(n), t) for n, t in model.state_dict().items() if "lora_" not in n)
+    with progress(desc="fingerprint", total=sum(t.numel() * t.element_size() for _, t in tensors), unit="B",
+                  unit_scale=True, leave=False) as bar:  # 7B bf16: 14.5 GB, ~50 s at 0.3 GB/s here
+        for name, tensor in tensors:
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself: no copy
+            bar.update(t.numel() * t.element_size())
     return h.hexdigest()
 
 
@@ -219,8 +223,7 @@ def fill(cache, model, sequences, pad_token_id: int, *, max_tokens: int, forward
     model.eval()
     forward = {**forward, "max_tokens": None}  # a round is one forward already
     with context if context is not None else nullcontext(), \
-            tqdm(total=misses, disable=rank != 0 or not misses, desc="reference cache", unit="seq",
-                 dynamic_ncols=True) as bar:
+            progress(desc="reference cache", total=misses, unit="seq", rank=rank) as bar:
         for i in range(n_rounds):
             chunk = work[i] if i < len(work) else []
             rows = []
