@@ -298,6 +298,21 @@ def test_forward_split_keeps_groups_whole_within_the_budget():
     assert sorted(i for f in logprobs.forward_split(sequences, 7) for i in f) == list(range(7))
 
 
+def test_forwards_agreed_across_ranks_add_zero_weight_forwards():
+    """A rank that must run more forwards than its own split (FSDP: every rank the same number) runs extra
+    forwards of its shortest sequence: same values and gradients, their tokens counted as computed."""
+    sequences = [Sequence((5, 6, 7), (8, 9, 0)), Sequence((5, 6, 7), (10, 0)), Sequence((3, 4), (11, 12, 0))]
+    results = []
+    for forwards in (1, 3):
+        net = small_llama()
+        out = logprobs.packed_logps(net, sequences, forwards=forwards)
+        (out.sums * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        results.append((out, torch.cat([p.grad.reshape(-1) for p in net.parameters()])))
+    (one, grad_one), (three, grad_three) = results
+    assert torch.equal(one.token_logps, three.token_logps) and torch.allclose(grad_one, grad_three, atol=1e-7)
+    assert three.tokens == one.tokens + 2 * 5 and logprobs.forward_count(sequences, max_tokens=6) == 3
+
+
 def test_flex_block_mask_is_the_per_sequence_causal_mask():
     """The block mask's elements are exactly 'key of my own sequence, not after me' (prompt + own response),
     across tile boundaries; its tiles equal torch's create_block_mask of the same mask function."""
