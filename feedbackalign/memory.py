@@ -436,10 +436,10 @@ def measured_peak(function, device: torch.device):
 def offline():
     """Hub and datasets libraries in offline mode (cache and local files only) for the block, whatever the
     environment says: a dry run never downloads, and never waits on a network that is not there."""
-    from huggingface_hub import constants
-
-    modules = [constants] + [m for m in [sys.modules.get("datasets.config")] if m is not None]  # datasets reads
-    before = [m.HF_HUB_OFFLINE for m in modules]  # huggingface_hub's value when it is imported later
+    # huggingface_hub's switch (loaded with transformers) and datasets' copy of it, if datasets is loaded (when it
+    # is imported later it copies huggingface_hub's)
+    modules = [m for m in (sys.modules.get("huggingface_hub.constants"), sys.modules.get("datasets.config")) if m]
+    before = [m.HF_HUB_OFFLINE for m in modules]
     for module in modules:
         module.HF_HUB_OFFLINE = True
     try:
