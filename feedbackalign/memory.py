@@ -58,7 +58,7 @@ BACKWARD_TRANSIENT = {False: 1.0, True: 1.25}
 
 
 def byte_size(name: str) -> int:
-    return torch.empty(0, dtype=models.torch_dtype(name)).element_size()
+    return models.torch_dtype(name).itemsize
 
 
 # ---------------------------------------------------------------- the model, on the meta device
@@ -288,9 +288,8 @@ def plan(cfg: DictConfig, world_size: int, device: str = "cuda") -> MemoryPlan:
     trainer_cls = builders.trainer_class(cfg)
     builders.dataloader_class(cfg, trainer_cls)
     storage, reference_size = byte_size(m.policy_dtype), byte_size(m.reference_dtype)
-    compute_name = m.get("compute_dtype") or m.policy_dtype
-    compute = models.torch_dtype(compute_name)
-    c = byte_size(compute_name)
+    compute = models.compute_dtype(m)
+    c = compute.itemsize
     shape = model_shape(cfg, compute)
     tokens = microbatch_tokens(cfg, world_size, trainer_cls)
     sharded = builders.use_fsdp(cfg, world_size)
@@ -389,7 +388,7 @@ def report(result: MemoryPlan, cfg: DictConfig, world_size: int) -> str:
              f"({t.sequence} sequence tokens, {t.labels} labels), largest forward {t.largest_forward} tokens "
              f"(model.max_tokens_per_forward={m.max_tokens_per_forward})",
              f"  tokens {t.source}",
-             f"  dtypes: weights {m.policy_dtype}, compute {m.get('compute_dtype') or m.policy_dtype}, reference "
+             f"  dtypes: weights {m.policy_dtype}, compute {str(models.compute_dtype(m)).split('.')[-1]}, reference "
              f"{m.reference_dtype}; activation checkpointing {'on' if m.activation_checkpointing else 'off'}; "
              f"layout {m.forward_layout}",
              "", "  part          GiB per GPU"]

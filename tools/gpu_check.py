@@ -4,9 +4,9 @@
     bash tools/gpu_check.sh --cpu               # the same code, tiny model on CPU (tests/test_gpu_check.py)
     python tools/gpu_check.py --out FILE [--cpu]
 
-On the GPU: a random-init Llama of Llama-3.2-1B's shape (1.24B parameters, vocab 128k; the shipped architecture
-`llama-3.2-1b`), max_length 2048 (prompts up to 1024), bf16 compute, FSDP2 in one process (`use_fsdp=true`),
-activation checkpointing on, a live reference. Data: UltraFeedback-format records of random one-token words
+On the GPU: `model=llama1b-random`, a random-init Llama of Llama-3.2-1B's shape (1.24B parameters, vocab 128k;
+no download), max_length 2048 (prompts up to 1024), fp32 master weights with bf16 compute, FSDP2 in one process
+(`use_fsdp=true`), activation checkpointing on, a live reference. Data: UltraFeedback-format records of random one-token words
 (prompts 400-1000 words, 4 responses of 300-1000), written under the work folder and read by the real getter
 (`datasets=[ultrafeedback] data_dir=...`), tokenised by the tiny tokenizer (ids < 4096 are valid ids of any vocab).
 It measures, each run being the real trainer from `builders.build_trainer`:
@@ -38,11 +38,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-GPU = {"architecture": "llama-3.2-1b", "max_length": 2048, "max_prompt_length": 1024, "prompt_words": (400, 1000),
-       "response_words": (300, 1000), "batch": 16, "accumulation": 4, "warmup": 2, "steps": 4, "compute": "bfloat16",
+GPU = {"model": "llama1b-random", "architecture": "llama-3.2-1b", "max_length": 2048, "max_prompt_length": 1024, "prompt_words": (400, 1000),
+       "response_words": (300, 1000), "batch": 16, "accumulation": 4, "warmup": 2, "steps": 4, "bf16": True,
        "exactness_architecture": "tiny"}
-CPU = {"architecture": "tiny", "max_length": 128, "max_prompt_length": 64, "prompt_words": (20, 50),
-       "response_words": (10, 60), "batch": 4, "accumulation": 2, "warmup": 1, "steps": 1, "compute": "float32",
+CPU = {"model": "tiny", "architecture": "tiny", "max_length": 128, "max_prompt_length": 64, "prompt_words": (20, 50),
+       "response_words": (10, 60), "batch": 4, "accumulation": 2, "warmup": 1, "steps": 1, "bf16": False,
        "exactness_architecture": "tiny"}
 RUNS = (("dpo", "packed"), ("nca", "packed"), ("dpo", "padded"))
 TARGETS = {"dpo_mfu": 0.40, "vs_trl": 2.0, "peak_vs_plan": 0.15}
@@ -69,23 +69,16 @@ def write_data(folder: Path, settings: dict, records: int, seed: int = 0) -> Pat
 
 
 def overrides(settings: dict, work: Path, loss: str, layout: str) -> list[str]:
-    """The config of one of our runs (precision: fp32 trainable weights and bf16 compute where the config has
-    model.compute_dtype, else weights in the compute dtype)."""
-    from feedbackalign.configuration import compose
-
+    """The config of one of our runs: the model config's precision (fp32 master weights and bf16 compute for the
+    1B model, fp32 for tiny), FSDP2 in one process, activation checkpointing, a live reference."""
     s = settings
-    precision = [f"model.policy_dtype={s['compute']}", f"model.reference_dtype={s['compute']}"]
-    if "compute_dtype" in compose(["model=tiny"]).model:
-        precision = ["model.policy_dtype=float32", f"model.compute_dtype={s['compute']}",
-                     f"model.reference_dtype={s['compute']}"]
-    return [f"loss={loss}", "model=tiny", "model.name_or_path=random", f"model.architecture={s['architecture']}",
-            "model.tokenizer_name_or_path=tiny", "datasets=[ultrafeedback]", f"data_dir={work / 'data'}",
+    return [f"loss={loss}", f"model={s['model']}", "datasets=[ultrafeedback]", f"data_dir={work / 'data'}",
             f"cache_dir={work / 'runs'}", f"exp_name={loss}_{layout}", "overwrite=true",
             f"model.max_length={s['max_length']}", f"model.max_prompt_length={s['max_prompt_length']}",
             f"model.batch_size={s['batch']}", f"model.gradient_accumulation_steps={s['accumulation']}",
             f"model.forward_layout={layout}", "model.activation_checkpointing=true", "use_fsdp=true",
             f"n_examples={s['batch'] * (s['warmup'] + s['steps'])}", "n_eval_examples=0", "do_first_eval=false",
-            "warmup_steps=0", "export_hf=false", "lr=1e-6", *precision]
+            "warmup_steps=0", "export_hf=false", "lr=1e-6"]
 
 
 def run_ours(settings: dict, work: Path, loss: str, layout: str, device) -> dict:
@@ -189,7 +182,7 @@ def run_trl(settings: dict, work: Path, device) -> dict:
     tokenizer = builders.build_tokenizer(cfg)
     n_steps = settings["warmup"] + settings["steps"]
     rows = pair_rows(cfg, tokenizer, n_steps)
-    bf16 = settings["compute"] == "bfloat16"
+    bf16 = settings["bf16"]
 
     def train():
         policy = models.build_model("random", torch.float32, architecture=settings["architecture"]).to(device)
@@ -224,17 +217,6 @@ def precision_checks(cpu: bool, work: Path) -> dict:
     if result.returncode != 0 or not out.is_file():
         return {"failed": (result.stderr or result.stdout).strip().splitlines()[-5:]}
     return json.loads(out.read_text())
-
-
-def single_process_group(device) -> None:
-    """A one-process group, so `use_fsdp=true` can shard (FSDP2 needs a device mesh)."""
-    import torch.distributed as dist
-
-    from feedbackalign import distributed
-
-    if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(distributed.free_port()))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 def targets(figures: dict) -> dict:
@@ -275,7 +257,6 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = args.work or Path(tmp)
         write_data(work / "data", settings, records=2 * settings["batch"] * (settings["warmup"] + settings["steps"]))
-        single_process_group(device)
         figures = {"mode": "cpu" if args.cpu else "gpu",
                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    "torch": torch.__version__, "transformers": transformers.__version__, "settings": settings,
