@@ -265,6 +265,7 @@ class MemoryPlan:
     peak: float
     tokens: MicrobatchTokens
     shape: ModelShape
+    sharded: bool
     notes: list[str] = field(default_factory=list)
 
 
@@ -277,6 +278,91 @@ def process_count(cfg: DictConfig) -> int:
     return max(1, torch.cuda.device_count())
 
 
+@dataclass
+class States:
+    """Bytes per process of what lives across steps, and the gradients."""
+
+    weights: float
+    optimizer: float
+    reference: float  # live reference during training
+    reference_weights: float  # the reference's weights, whether live or only during the cache pass
+    gradients: float  # created in backward, freed at each step's zero_grad
+    kept_gradients: float  # alive through the forward of a later microbatch (accumulation)
+    trainable: int
+    notes: list[str]
+
+
+def states(cfg: DictConfig, shape: ModelShape, trainer_cls, sharded: bool, world_size: int) -> States:
+    m = cfg.model
+    storage = byte_size(m.policy_dtype)
+    shards = world_size if sharded else 1
+    lora = bool(m.lora.enabled)
+    trainable = lora_parameters(m, architecture_of(cfg)) if lora else shape.params
+    notes = []
+    base = shape.params * (0.5 if lora and m.lora.load_in_4bit else storage)  # QLoRA: ~4 bits a weight
+    n_states = OPTIMIZER_STATES.get(cfg.optimizer)
+    if n_states is None:
+        n_states = 2
+        notes.append(f"optimizer={cfg.optimizer}: planned with two states per weight, like AdamW")
+    cached = bool(cfg.cache_reference_logprobs) and trainer_cls.uses_reference
+    reference_weights = shape.params * byte_size(m.reference_dtype) / shards
+    gradients = trainable * storage / shards
+    kept = 0.0
+    if m.gradient_accumulation_steps > 1:
+        if sharded and m.gradient_sync == "last_microbatch":
+            kept = trainable * 4  # FSDP2's unsharded fp32 accumulation between reductions
+            notes.append(f"gradients: {kept / GIB:.2f} GiB are FSDP2's unsharded fp32 gradient kept between "
+                         "reductions (model.gradient_sync=last_microbatch); model.gradient_sync=every_microbatch "
+                         "drops it for one reduce-scatter per microbatch")
+        else:
+            kept = gradients
+    if cached:
+        notes.append("reference: cached, so freed after the cache pass (planned as its own phase)")
+    return States(weights=(base + (trainable * storage if lora else 0)) / shards,
+                  optimizer=n_states * trainable * storage / shards,
+                  reference=reference_weights if trainer_cls.uses_reference and not lora and not cached else 0.0,
+                  reference_weights=reference_weights, gradients=gradients, kept_gradients=kept, trainable=trainable,
+                  notes=notes)
+
+
+def activation_bytes(m, shape: ModelShape, tokens: MicrobatchTokens, device: str, residual: int,
+                     itemsize: int) -> tuple[float, float]:
+    """(saved for backward through the microbatch, the largest one-layer transient in backward), in bytes."""
+    if m.forward_layout == "packed":
+        path = logprobs.attention_path(m.packed_attention, torch.device(device))
+        attention = attention_bytes(shape, tokens.packed, tokens.sequence, path, itemsize)
+        one_layer = (shape.layer_bytes + attention / max(tokens.packed, 1)) * tokens.largest_forward
+        layer_tokens = tokens.packed
+    else:
+        attention = tokens.positions * (itemsize * 2 * shape.q_dim + 4 * shape.heads)  # SDPA on the padded batch
+        one_layer = shape.layer_bytes * tokens.positions + attention
+        layer_tokens = tokens.positions
+    if m.activation_checkpointing:
+        saved = shape.layers * residual * shape.hidden * layer_tokens
+    else:
+        saved = shape.layers * (shape.layer_bytes * layer_tokens + attention)
+    saved += shape.outside_bytes * layer_tokens
+    return saved, BACKWARD_TRANSIENT[bool(m.activation_checkpointing)] * one_layer
+
+
+def logit_bytes(m, shape: ModelShape, tokens: MicrobatchTokens, itemsize: int) -> tuple[float, float]:
+    """(kept for backward, transient), in bytes: the packed layout's label rows and one chunk of logits; the
+    padded layout's whole logits, their gathered label rows and their gradient."""
+    if m.forward_layout == "packed":
+        return (tokens.labels * (itemsize * shape.hidden + 8 + 4),
+                min(logprobs.chunk_rows(shape.vocab), tokens.labels) * shape.vocab * (8 + itemsize))
+    return ((tokens.positions + tokens.labels) * shape.vocab * itemsize,
+            tokens.positions * shape.vocab * itemsize + min(logprobs.LOGSUMEXP_CHUNK, tokens.labels) * shape.vocab * 4)
+
+
+def buffer_bytes(shape: ModelShape, sharded: bool, storage: int, itemsize: int, trainable: int) -> float:
+    """FSDP2's all-gathered blocks (current + prefetched), one block's gradients before reduction (compute dtype
+    and fp32) and the unsharded root; unsharded with autocast, the compute-dtype weight copies it keeps."""
+    if sharded:
+        return shape.block_params * (3 * itemsize + 4) + shape.root_params * itemsize
+    return trainable * itemsize if storage != itemsize else 0.0
+
+
 def plan(cfg: DictConfig, world_size: int, device: str = "cuda") -> MemoryPlan:
     """Per-process memory of one training step of `cfg` on `world_size` processes on `device` (cuda: per GPU;
     cpu: the packed attention's CPU path), as the module docstring says."""
@@ -287,103 +373,38 @@ def plan(cfg: DictConfig, world_size: int, device: str = "cuda") -> MemoryPlan:
         raise ConfigError(f"world_size={world_size}: plan for at least one process")
     trainer_cls = builders.trainer_class(cfg)
     builders.dataloader_class(cfg, trainer_cls)
-    storage, reference_size = byte_size(m.policy_dtype), byte_size(m.reference_dtype)
     compute = models.compute_dtype(m)
-    c = compute.itemsize
+    c, storage = compute.itemsize, byte_size(m.policy_dtype)
     shape = model_shape(cfg, compute)
     tokens = microbatch_tokens(cfg, world_size, trainer_cls)
     sharded = builders.use_fsdp(cfg, world_size)
-    shards = world_size if sharded else 1
-    lora = bool(m.lora.enabled)
-    trainable = lora_parameters(m, architecture_of(cfg)) if lora else shape.params
-    accumulation = m.gradient_accumulation_steps
-    checkpointing = bool(m.activation_checkpointing)
-    notes = []
-
-    # states
-    base_bytes = shape.params * (0.5 if lora and m.lora.load_in_4bit else storage)
-    weights = (base_bytes + (trainable * storage if lora else 0)) / shards
-    states = OPTIMIZER_STATES.get(cfg.optimizer)
-    if states is None:
-        states = 2
-        notes.append(f"optimizer={cfg.optimizer}: planned with two states per weight, like AdamW")
-    optimizer = states * trainable * storage / shards
-    cached = bool(cfg.cache_reference_logprobs) and trainer_cls.uses_reference
-    live_reference = trainer_cls.uses_reference and not lora and not cached
-    reference_weights = shape.params * reference_size / shards
-    reference = reference_weights if live_reference else 0.0
-    gradients = trainable * storage / shards  # created in backward, freed at each step's zero_grad
-    kept_gradients = 0.0  # gradients alive through the forward of a later microbatch
-    if accumulation > 1:
-        if sharded and m.gradient_sync == "last_microbatch":
-            kept_gradients = trainable * 4  # FSDP2's unsharded fp32 accumulation between reductions
-            notes.append(f"gradients: {trainable * 4 / GIB:.2f} GiB are FSDP2's unsharded fp32 gradient kept between "
-                         "reductions (model.gradient_sync=last_microbatch); model.gradient_sync=every_microbatch "
-                         "drops it for one reduce-scatter per microbatch")
-        else:
-            kept_gradients = gradients
-
-    # activations of the largest microbatch
-    path = logprobs.attention_path(m.packed_attention, torch.device(device)) if m.forward_layout == "packed" \
-        else "padded"
+    held = states(cfg, shape, trainer_cls, sharded, world_size)
     residual = storage if (not sharded and storage != c) else c  # autocast keeps the residual stream in fp32
-    per_layer = shape.layer_bytes
-    if m.forward_layout == "packed":
-        attention = attention_bytes(shape, tokens.packed, tokens.sequence, path, c)
-        one_layer = per_layer * tokens.largest_forward + attention * tokens.largest_forward / max(tokens.packed, 1)
-        layer_tokens = tokens.packed
-    else:
-        attention = tokens.positions * (c * 2 * shape.q_dim + 4 * shape.heads)  # SDPA on the padded batch
-        one_layer = per_layer * tokens.positions + attention
-        layer_tokens = tokens.positions
-    if checkpointing:
-        saved = shape.layers * residual * shape.hidden * layer_tokens
-    else:
-        saved = shape.layers * (per_layer * layer_tokens + attention)
-    saved += shape.outside_bytes * layer_tokens
-    backward_transient = BACKWARD_TRANSIENT[checkpointing] * one_layer
-    activations = saved + backward_transient
+    saved, backward_transient = activation_bytes(m, shape, tokens, device, residual, c)
+    logits_saved, logits_transient = logit_bytes(m, shape, tokens, c)
+    buffers = buffer_bytes(shape, sharded, storage, c, held.trainable)
 
-    # logits
-    rows = logprobs.chunk_rows(shape.vocab)
-    if m.forward_layout == "packed":
-        logits_saved = tokens.labels * (c * shape.hidden + 8 + 4)
-        logits_transient = min(rows, tokens.labels) * shape.vocab * (8 + c)
-    else:
-        logits_saved = tokens.positions * shape.vocab * c + tokens.labels * shape.vocab * c
-        logits_transient = tokens.positions * shape.vocab * c + min(logprobs.LOGSUMEXP_CHUNK, tokens.labels) * \
-            shape.vocab * 4
-    logits = logits_saved + logits_transient
-
-    # buffers
-    if sharded:
-        buffers = shape.block_params * (3 * c + 4) + shape.root_params * c
-    elif storage != c:
-        buffers = trainable * c  # autocast's cast weights, kept for backward
-    else:
-        buffers = 0.0
-
-    fixed = weights + optimizer + reference + buffers + kept_gradients
-    forward_end = fixed + saved + logits_saved + logits_transient
-    backward = fixed + max(saved + logits_saved, gradients) + max(backward_transient, logits_transient)
-    phases = {"end of forward": forward_end, "backward": backward}
-    if cached:
+    fixed = held.weights + held.optimizer + held.reference + buffers + held.kept_gradients
+    phases = {"end of forward": fixed + saved + logits_saved + logits_transient,
+              "backward": fixed + max(saved + logits_saved, held.gradients)
+              + max(backward_transient, logits_transient)}
+    if bool(cfg.cache_reference_logprobs) and trainer_cls.uses_reference:
         round_tokens = m.max_tokens_per_forward or m.max_length * m.eval_batch_size
-        phases["reference cache pass"] = (weights + reference_weights + per_layer * round_tokens
-                                          + min(rows, round_tokens) * shape.vocab * (8 + c)
-                                          + (shape.block_params * 2 * c + shape.root_params * c if sharded else 0))
-        notes.append("reference: cached, so freed after the cache pass (planned as its own phase)")
-    parts = {"weights": weights, "gradients": gradients + kept_gradients, "optimizer": optimizer,
-             "reference": reference, "activations": activations, "logits": logits, "buffers": buffers}
-    return MemoryPlan(parts, phases, max(phases.values()), tokens, shape, notes)
+        phases["reference cache pass"] = (
+            held.weights + held.reference_weights + shape.layer_bytes * round_tokens
+            + min(logprobs.chunk_rows(shape.vocab), round_tokens) * shape.vocab * (8 + c)
+            + (shape.block_params * 2 * c + shape.root_params * c if sharded else 0))
+    parts = {"weights": held.weights, "gradients": held.gradients + held.kept_gradients,
+             "optimizer": held.optimizer, "reference": held.reference, "activations": saved + backward_transient,
+             "logits": logits_saved + logits_transient, "buffers": buffers}
+    return MemoryPlan(parts, phases, max(phases.values()), tokens, shape, sharded, held.notes)
 
 
 def report(result: MemoryPlan, cfg: DictConfig, world_size: int) -> str:
     """The plan as printed by the dry run, ending with `per-GPU peak: X GiB`."""
     m, s, t = cfg.model, result.shape, result.tokens
     lines = [f"memory plan: loss={cfg.loss.name} model={m.name} ({s.architecture}, {s.params / 1e9:.2f}B parameters, "
-             f"{s.layers} layers) on {world_size} process(es), FSDP2 "
-             f"{'on' if _sharded(cfg, world_size) else 'off'}",
+             f"{s.layers} layers) on {world_size} process(es), FSDP2 {'on' if result.sharded else 'off'}",
              f"  microbatch: {microbatch_items(cfg, world_size)} items; {t.packed} packed tokens "
              f"({t.sequence} sequence tokens, {t.labels} labels), largest forward {t.largest_forward} tokens "
              f"(model.max_tokens_per_forward={m.max_tokens_per_forward})",
@@ -398,12 +419,6 @@ def report(result: MemoryPlan, cfg: DictConfig, world_size: int) -> str:
     lines += [f"  note: {note}" for note in result.notes]
     lines.append(f"per-GPU peak: {result.peak / GIB:.2f} GiB")
     return "\n".join(lines)
-
-
-def _sharded(cfg, world_size) -> bool:
-    from feedbackalign import builders
-
-    return builders.use_fsdp(cfg, world_size)
 
 
 def measured_peak(function, device: torch.device):
