@@ -33,5 +33,6 @@ def test_gpu_check_cpu_mode_writes_every_figure(tmp_path):
     assert exact["attention_path"] == "sdpa" and exact["max_abs_token_logp_diff"] < 1e-5
     assert exact["max_rel_grad_diff"] < 1e-4
     assert figures["trl"]["tokens_per_s"] > 0 and figures["trl"]["padding_fraction"] > 0
-    assert "dpo_packed_vs_trl" in figures["ratios"] and "precision" in figures
+    assert "dpo_packed_vs_trl" in figures["ratios"]
+    assert figures["precision"]["exit_code"] == 0 and figures["precision"]["ok"]  # issue 11's checks, folded in
     assert set(figures["targets"]) == {"dpo_mfu >= 0.40", "peak within 15% of plan", "ours >= 2x TRL"}
