@@ -7,9 +7,10 @@
 # Needs Python >= 3.10 with torch (CUDA), transformers 5.x, peft and accelerate, as a GPU image has them; no network.
 # Pure-Python dependencies the image lacks (tools/gpu_wheels.txt: hydra-core, omegaconf, datasets, trl, ...) are
 # installed from tools/wheels/ into .gpu-site/ (put first on PYTHONPATH; the image's packages are never touched).
-# Fill tools/wheels/ on a machine with network first: `make gpu-wheels` (Python 3.12 manylinux wheels, ~60 MB,
-# git-ignored). With network and no tools/wheels/, they are installed from PyPI. What it measures, and the
-# targets it checks: tools/gpu_check.py; results: docs/performance.md.
+# Fill tools/wheels/ on a machine with network first: `make gpu-wheels` (Python 3.12 manylinux wheels, 67 MB,
+# git-ignored; only the lines whose module the GPU machine lacks are used, so the others, e.g. pyarrow's 55 MB,
+# can be left behind). With network and no tools/wheels/, they come from PyPI. What it measures and the targets
+# it checks: tools/gpu_check.py; results: docs/performance.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then :; elif [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
