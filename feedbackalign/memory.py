@@ -9,7 +9,8 @@ max lengths. Saved activations per token and layer come from a meta-device trace
 of the real transformers code (every tensor autograd saves, deduplicated by storage), plus the packed attention's
 own saved tensors, which this module states in closed form (`attention_bytes`). Everything else is closed form:
 
-- weights: trainable storage (`model.policy_dtype`) sharded over the world under FSDP2.
+- weights: trained weights in `model.policy_dtype` (fp32 master weights), a LoRA run's frozen base in
+  `model.reference_dtype` (QLoRA's in ~4 bits), sharded over the world under FSDP2 (builders.precision).
 - gradients: one per trainable weight, sharded like it; with accumulation and `model.gradient_sync=
   last_microbatch` FSDP2 keeps an unsharded fp32 gradient of the whole model between reductions.
 - optimizer: AdamW's two moments per trainable weight, in its storage dtype, sharded.
@@ -55,10 +56,6 @@ GROUP_RESPONSES = 4  # K assumed for a K-group loss when neither the data nor lo
 # checkpointing), or its recomputation plus those gradients, freed and allocated as its backward proceeds (with
 # checkpointing). Calibrated against measured CPU peaks (tests/test_memory.py: within 3% and 18% before).
 BACKWARD_TRANSIENT = {False: 1.0, True: 1.25}
-
-
-def byte_size(name: str) -> int:
-    return models.torch_dtype(name).itemsize
 
 
 # ---------------------------------------------------------------- the model, on the meta device
@@ -292,20 +289,23 @@ class States:
     notes: list[str]
 
 
-def states(cfg: DictConfig, shape: ModelShape, trainer_cls, sharded: bool, world_size: int) -> States:
+def states(cfg: DictConfig, shape: ModelShape, trainer_cls, sharded: bool, world_size: int, dtypes) -> States:
+    """`dtypes`: builders.Precision (trained weights, compute, frozen weights: the reference, a LoRA base)."""
     m = cfg.model
-    storage = byte_size(m.policy_dtype)
+    storage = dtypes.trained.itemsize
     shards = world_size if sharded else 1
     lora = bool(m.lora.enabled)
     trainable = lora_parameters(m, architecture_of(cfg)) if lora else shape.params
     notes = []
-    base = shape.params * (0.5 if lora and m.lora.load_in_4bit else storage)  # QLoRA: ~4 bits a weight
+    base = shape.params * (dtypes.frozen.itemsize if lora else storage)
+    if lora and m.lora.load_in_4bit:
+        base = shape.params * 0.5  # QLoRA: ~4 bits a weight
     n_states = OPTIMIZER_STATES.get(cfg.optimizer)
     if n_states is None:
         n_states = 2
         notes.append(f"optimizer={cfg.optimizer}: planned with two states per weight, like AdamW")
     cached = bool(cfg.cache_reference_logprobs) and trainer_cls.uses_reference
-    reference_weights = shape.params * byte_size(m.reference_dtype) / shards
+    reference_weights = shape.params * dtypes.frozen.itemsize / shards
     gradients = trainable * storage / shards
     kept = 0.0
     if m.gradient_accumulation_steps > 1:
@@ -373,13 +373,14 @@ def plan(cfg: DictConfig, world_size: int, device: str = "cuda") -> MemoryPlan:
         raise ConfigError(f"world_size={world_size}: plan for at least one process")
     trainer_cls = builders.trainer_class(cfg)
     builders.dataloader_class(cfg, trainer_cls)
-    compute = models.compute_dtype(m)
-    c, storage = compute.itemsize, byte_size(m.policy_dtype)
-    shape = model_shape(cfg, compute)
+    dtypes = builders.precision(cfg)
+    c, storage = dtypes.compute.itemsize, dtypes.trained.itemsize
+    shape = model_shape(cfg, dtypes.compute)
     tokens = microbatch_tokens(cfg, world_size, trainer_cls)
     sharded = builders.use_fsdp(cfg, world_size)
-    held = states(cfg, shape, trainer_cls, sharded, world_size)
-    residual = storage if (not sharded and storage != c) else c  # autocast keeps the residual stream in fp32
+    held = states(cfg, shape, trainer_cls, sharded, world_size, dtypes)
+    # unsharded, autocast keeps the residual stream in the embeddings' stored dtype (fp32 master weights: fp32)
+    residual = c if sharded else (dtypes.frozen if m.lora.enabled else dtypes.trained).itemsize
     saved, backward_transient = activation_bytes(m, shape, tokens, device, residual, c)
     logits_saved, logits_transient = logit_bytes(m, shape, tokens, c)
     buffers = buffer_bytes(shape, sharded, storage, c, held.trainable)
