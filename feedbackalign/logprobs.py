@@ -469,7 +469,7 @@ def prefix_block_mask(owner: torch.Tensor, prompt_of: torch.Tensor):
 
     def block_lists(blocks):  # (Q tiles, KV tiles) bool -> counts (1,1,Q) and indices (1,1,Q,KV), listed first
         blocks = torch.cat(blocks)
-        order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)
+        order = torch.argsort((~blocks).to(torch.int32), dim=-1, stable=True)
         return blocks.sum(-1).to(torch.int32)[None, None], order.to(torch.int32)[None, None]
 
     def mask_mod(b, h, q_idx, kv_idx):
