@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu-wheels
 
 $(VENV)/.installed: pyproject.toml constraints.txt  # constraints.txt: the exact tested versions
 	python3 -m venv $(VENV)
@@ -25,5 +25,14 @@ demo: $(VENV)/.installed  # DEMO_ARGS="--quick" for the few-minute version; see 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# Wheels tools/gpu_check.sh installs on a GPU machine without network (Python 3.12, manylinux x86_64): the
+# lines of tools/gpu_wheels.txt; the one without a wheel on PyPI is built here (pure Python).
+gpu-wheels: $(VENV)/.installed
+	mkdir -p tools/wheels
+	awk '!/^#/ && NF && $$3 != "sdist" {print $$1}' tools/gpu_wheels.txt | xargs $(PY) -m pip download -q --no-deps \
+		--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux2014_x86_64 -d tools/wheels
+	awk '!/^#/ && $$3 == "sdist" {print $$1}' tools/gpu_wheels.txt | xargs $(PY) -m pip wheel -q --no-deps -w tools/wheels
+
 clean:
-	rm -rf $(VENV) runs demo_out
+	rm -rf $(VENV) runs demo_out .gpu-site

@@ -1,7 +1,8 @@
 """Train a policy: `python train.py loss=<name> model=<name> datasets=[a,b] exp_name=E`.
 
 One process on CPU; one process per visible GPU (spawned) on a GPU node; under torchrun, the processes torchrun
-made (many nodes). The loss config names its Trainer subclass (trainers.py) and DataLoader (dataloader.py); no
+made (many nodes). `++dry_run=true ++world_size=8` prints the per-GPU memory plan (feedbackalign/memory.py) and
+exits without loading weights. The loss config names its Trainer subclass (trainers.py) and DataLoader (dataloader.py); no
 code tests a loss's name. With no arguments it trains the embedded tiny model on the built-in task, offline.
 """
 
@@ -17,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from feedbackalign import builders, distributed
+from feedbackalign import builders, distributed, memory
 from feedbackalign.configuration import CONFIG_DIR, halos_overrides
 from feedbackalign.errors import USER_ERROR_EXIT, exit_on_user_error
 from feedbackalign.fileio import write_json_atomic
@@ -89,7 +90,10 @@ def launch(cfg: DictConfig) -> None:
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error("train.py"):
-        launch(cfg)
+        if cfg.dry_run:
+            memory.dry_run(cfg)
+        else:
+            launch(cfg)
 
 
 if __name__ == "__main__":

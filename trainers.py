@@ -24,13 +24,14 @@ from tqdm import tqdm
 
 import losses
 from dataloader import PromptFormat
-from feedbackalign import chat_templates, checkpoints, distributed, fileio, throughput
+from feedbackalign import chat_templates, checkpoints, distributed, fileio, logprobs, throughput
 from feedbackalign.batches import Batch
 from feedbackalign.errors import ConfigError, TrainingError
-from feedbackalign.logprobs import TokenLogps, sequence_logps
+from feedbackalign.logprobs import TokenLogps, forward_options, sequence_logps
 from feedbackalign.models import compute_dtype, is_lora, is_quantized
 from feedbackalign.progress import progress
 
+GRADIENT_SYNC = ("last_microbatch", "every_microbatch")  # model.gradient_sync (FSDP2 reduce-scatter in accumulation)
 TIMING_METRICS = ("tokens/s", "computed_tokens/s", "examples/s", "s/step", "mfu")  # wall-clock dependent
 Logps = dict[str, TokenLogps]  # batch part name -> its rows' log-probs
 
@@ -66,12 +67,16 @@ class BasicTrainer:
         self.device = next(policy.parameters()).device
         self.peak_flops = throughput.peak_flops(config.peak_flops, self.device, compute_dtype(config.model))
         self.meter = throughput.Meter(policy.config)
-        self.layout = config.model.forward_layout
+        self.forward_options = forward_options(config.model)  # layout, token budget, packed attention
         # every trained module under one root, so checkpoints gather policy + heads with one state dict call
         self.trained_modules = torch.nn.ModuleDict({checkpoints.POLICY: policy, **self.heads})
         # gradients FSDP does not reduce: the heads', or every one when the policy is not sharded
-        self.replicated = list(self.heads.parameters()) if distributed.is_sharded(policy) else \
-            self.trainable_parameters()
+        self.sharded = distributed.is_sharded(policy)
+        self.replicated = list(self.heads.parameters()) if self.sharded else self.trainable_parameters()
+        if config.model.gradient_sync not in GRADIENT_SYNC:
+            raise ConfigError(f"model.gradient_sync={config.model.gradient_sync} is unknown: use "
+                              f"{' or '.join(GRADIENT_SYNC)}")
+        self.sync_every_microbatch = config.model.gradient_sync == "every_microbatch"
         self.optimizer = getattr(torch.optim, config.optimizer)(self.trainable_parameters(), lr=config.lr,
                                                                 **self.optimizer_kwargs())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
@@ -97,8 +102,7 @@ class BasicTrainer:
         """The policy's log-probs of the batch's `parts` in one forward (with the graph unless grad=False)."""
         sequences = batch.sequences(parts)
         with nullcontext() if grad else torch.no_grad():
-            values = sequence_logps(self.policy, sequences, self.tokenizer.pad_token_id, self.layout,
-                                    with_hidden=self.needs_hidden and grad)
+            values = self.sequence_logps(self.policy, sequences, with_hidden=self.needs_hidden and grad)
         self.meter.record(values, sequences, backward=grad)
         return batch.split(values, parts)
 
@@ -112,9 +116,20 @@ class BasicTrainer:
         else:
             model = self.reference if self.reference is not None else self.policy
             with self.policy.disable_adapter() if self.reference is None and is_lora(self.policy) else nullcontext():
-                values = sequence_logps(model, sequences, self.tokenizer.pad_token_id, self.layout)
+                values = self.sequence_logps(model, sequences)
             self.meter.record(values, sequences, backward=False, policy=False)
         return batch.split(values, parts)
+
+    def sequence_logps(self, model, sequences, with_hidden: bool = False) -> TokenLogps:
+        """logprobs.sequence_logps with the run's forward options; a sharded model's ranks first agree on the
+        number of packed forwards (the token budget splits each rank's microbatch its own way)."""
+        forwards = logprobs.forward_count(sequences, **self.forward_options)
+        if distributed.is_sharded(model) and self.world_size > 1 and self.forward_options["max_tokens"]:
+            count = torch.tensor([forwards], device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            forwards = int(count.item())
+        return sequence_logps(model, sequences, self.tokenizer.pad_token_id, with_hidden=with_hidden,
+                              forwards=forwards, **self.forward_options)
 
     def forward(self, batch: Batch, *, grad: bool = True) -> tuple[Logps, Logps | None]:
         """(policy, reference) log-probs of the parts the loss scores."""
@@ -176,14 +191,19 @@ class BasicTrainer:
 
         Each microbatch loss is a mean over its items, divided by the accumulation steps; FSDP (or
         `average_gradients`) averages over ranks. Loaders give every (ranks x accumulation) split of a global
-        batch the same equal-sized microbatches, so 1 process x 2 steps and 2 processes x 1 step give one update."""
+        batch the same equal-sized microbatches, so 1 process x 2 steps and 2 processes x 1 step give one update.
+        Under FSDP2 with model.gradient_sync=last_microbatch, gradients accumulate unsharded on each rank and are
+        reduce-scattered once, after the last microbatch's backward (one reduction per step instead of one per
+        microbatch, at the memory of one unsharded fp32 gradient: feedbackalign/memory.py)."""
         self.policy.train()
         self.meter.take()  # forwards since the last step (an evaluation) are not this step's work
         started = time.perf_counter()
         context = self.step_context(microbatches)
         per_example: dict[str, list[torch.Tensor]] = {}
         finite = True
-        for batch in microbatches:
+        for i, batch in enumerate(microbatches):
+            if self.sharded:
+                self.policy.set_requires_gradient_sync(self.sync_every_microbatch or i == len(microbatches) - 1)
             policy, reference = self.forward(batch)
             loss, metrics = self.loss(batch, policy, reference, context)
             finite &= bool(torch.isfinite(loss.detach()).all())

@@ -16,8 +16,10 @@ microbatch being looked up, (N, L) float32 + bool mask. A lookup is one indexed 
 per sequence); the cache pass reads and verifies every stored row of the run once.
 
 The cache pass (`build`) runs before training: every rank lists the sequences it will see; rank 0 decides which
-are missing (each computed once, by the lowest rank that holds it); ranks compute their share in rounds (equal
-rounds on every rank, so a sharded FSDP reference works) and rank 0 writes each round. With several nodes
+are missing (each computed once, by the lowest rank that holds it); ranks compute their share in token-budgeted
+rounds, one packed no-grad forward of up to `model.max_tokens_per_forward` tokens each (equal rounds on every
+rank, so a sharded FSDP reference works: each round costs one all-gather of the reference), and rank 0 writes
+each round and shows a progress bar with an ETA. Cost: docs/performance.md. With several nodes
 `reference_cache_dir` must be on a filesystem every node sees.
 """
 
@@ -38,7 +40,7 @@ from feedbackalign.checkpoints import plain_name
 from feedbackalign.batches import Sequence
 from feedbackalign.errors import CheckpointError
 from feedbackalign.fileio import reporting_full_disk
-from feedbackalign.logprobs import TokenLogps, sequence_logps
+from feedbackalign.logprobs import TokenLogps, forward_options, forward_split, sequence_logps
 from feedbackalign.models import is_lora
 from feedbackalign.progress import progress
 
@@ -254,37 +256,55 @@ def plan(cache, sequences, rank: int, world_size: int) -> tuple[list, int, int]:
     return [(k, s) for k, s in mine.items() if owner.get(k) == rank], len(union) - len(missing), len(missing)
 
 
+def rounds(todo: list, max_tokens: int) -> list[list]:
+    """`todo` cut into rounds of one packed forward each: whole prompt groups while the packed row stays within
+    `max_tokens` (logprobs.forward_split), so a round's cost is bounded and its prompts are computed once."""
+    split = forward_split([s for _, s in todo], max_tokens)
+    return [[todo[i] for i in indices] for indices in split]
+
+
+def round_tokens(model_config) -> int:
+    """Packed tokens per round of the cache pass: model.max_tokens_per_forward, else (null) an evaluation
+    microbatch of the longest sequences."""
+    return model_config.max_tokens_per_forward or model_config.max_length * model_config.eval_batch_size
+
+
 @torch.no_grad()
-def fill(cache, model, sequences, pad_token_id: int, *, layout: str, batch_sequences: int, context=None,
+def fill(cache, model, sequences, pad_token_id: int, *, max_tokens: int, forward: dict, context=None,
          rank: int = 0, world_size: int = 1, sharded: bool = False) -> tuple[int, int]:
     """Compute and store the missing entries among every rank's `sequences`; returns global (hits, misses).
 
-    Every rank runs the same number of rounds (a sharded reference needs every rank in each forward; a rank
-    with no work left forwards a dummy); rank 0 gathers and writes each round's rows."""
+    Rounds are token-budgeted (`rounds`); every rank runs the same number of them (a sharded reference needs
+    every rank in each forward; a rank with no work left forwards a dummy); rank 0 gathers and writes each
+    round's rows and shows the progress (sequences written, rate, ETA). `forward`: sequence_logps' options."""
     todo, hits, misses = plan(cache, sequences, rank, world_size)
-    rounds = -(-len(todo) // batch_sequences)
+    work = rounds(todo, max_tokens) if todo else []
+    n_rounds = len(work)
     if world_size > 1:
-        total = torch.tensor([rounds], dtype=torch.long, device=next(model.parameters()).device)  # NCCL: on GPU
+        total = torch.tensor([n_rounds], dtype=torch.long, device=next(model.parameters()).device)  # NCCL: on GPU
         dist.all_reduce(total, op=dist.ReduceOp.MAX)
-        rounds = int(total.item())
+        n_rounds = int(total.item())
     was_training = model.training
     model.eval()
-    with context if context is not None else nullcontext():
-        for i in range(rounds):
-            chunk = todo[i * batch_sequences: (i + 1) * batch_sequences]
+    forward = {**forward, "max_tokens": None}  # a round is one forward already
+    with context if context is not None else nullcontext(), \
+            progress(desc="reference cache", total=misses, unit="seq", rank=rank) as bar:
+        for i in range(n_rounds):
+            chunk = work[i] if i < len(work) else []
             rows = []
             if chunk:
-                values = sequence_logps(model, [s for _, s in chunk], pad_token_id, layout)
+                values = sequence_logps(model, [s for _, s in chunk], pad_token_id, **forward)
                 rows = token_rows([k for k, _ in chunk], values)
             elif sharded:
                 sequence_logps(model, [sequences[0] if sequences else Sequence((pad_token_id,), (pad_token_id,))],
-                               pad_token_id, layout)
+                               pad_token_id, **forward)
             if world_size > 1:
                 parts = [None] * world_size if rank == 0 else None
                 dist.gather_object(rows, parts, dst=0)
                 rows = [row for part in parts for row in part] if rank == 0 else []
             if rank == 0 and rows:
                 cache.insert_rows(rows)
+                bar.update(len(rows))
     model.train(was_training)
     return hits, misses
 
@@ -302,9 +322,9 @@ def build(cfg, tokenizer, model, identity: str, loaders, *, parts=None, rank: in
     sequences = all_sequences(loaders, parts)
     context = model.disable_adapter() if is_lora(model) else None
     hits, misses = fill(writer if writer is not None else _KeyOnly(identity, tokenizer_id), model, sequences,
-                        tokenizer.pad_token_id, layout=cfg.model.forward_layout,
-                        batch_sequences=max(2, 2 * cfg.model.eval_batch_size // max(world_size, 1)),
-                        context=context, rank=rank, world_size=world_size, sharded=sharded)
+                        tokenizer.pad_token_id, max_tokens=round_tokens(cfg.model),
+                        forward=forward_options(cfg.model), context=context, rank=rank, world_size=world_size,
+                        sharded=sharded)
     if world_size > 1:
         dist.barrier()
     cache = writer or ReferenceCache(cfg.reference_cache_dir, identity, tokenizer_id, create=False)

@@ -152,31 +152,56 @@ def run_setup(spec: dict, work: Path) -> dict:
 # ---------------------------------------------------------------- TRL
 
 
+def pair_rows(cfg, tokenizer, steps: int) -> list[dict]:
+    """The pairs of our loader's first `steps` optimizer steps, in order, as TRL's pre-tokenised columns."""
+    from feedbackalign import builders
+
+    loader = builders.build_loader(cfg, tokenizer, split="train", train=True)
+    rows = []
+    for batch, _ in zip(loader, range(steps * cfg.model.gradient_accumulation_steps)):
+        for c, r in zip(batch.parts["chosen"], batch.parts["rejected"]):
+            rows.append({"prompt_ids": list(c.prompt_ids), "chosen_ids": list(c.response_ids),
+                         "rejected_ids": list(r.response_ids)})
+    return rows
+
+
 def trl_rows(spec: dict, work: Path):
-    """The pairs of our loader's first steps, in order, as TRL's pre-tokenised columns (+ config, tokenizer)."""
+    """The pairs of a benchmark configuration (+ its config and tokenizer)."""
     from feedbackalign import builders
 
     cfg = compose(spec, work)
     tokenizer = builders.build_tokenizer(cfg)
-    loader = builders.build_loader(cfg, tokenizer, split="train", train=True)
-    rows = []
-    for batch, _ in zip(loader, range(spec["warmup"] + spec["steps"])):
-        for c, r in zip(batch.parts["chosen"], batch.parts["rejected"]):
-            rows.append({"prompt_ids": list(c.prompt_ids), "chosen_ids": list(c.response_ids),
-                         "rejected_ids": list(r.response_ids)})
-    return rows, cfg, tokenizer
+    return pair_rows(cfg, tokenizer, spec["warmup"] + spec["steps"]), cfg, tokenizer
 
 
-def run_trl(spec: dict, work: Path) -> dict:
+class StepClock:
+    """A TrainerCallback's clock: the wall time at train begin and at each optimizer step's end."""
+
+    def __init__(self):
+        self.ends = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+    def step_times(self) -> list[float]:
+        return [b - a for a, b in zip(self.ends, self.ends[1:])]
+
+
+def trl_dpo(policy, reference, rows: list[dict], tokenizer, work: Path, *, steps: int, batch: int, lr: float,
+            beta: float, max_length: int, max_grad_norm: float, seed: int, precompute: bool, accumulation: int = 1,
+            bf16: bool = False, gradient_checkpointing: bool = False):
+    """TRL's DPOTrainer trained for `steps` optimizer steps on `rows` (pre-tokenised prompt/chosen/rejected ids,
+    in order), its own tokenisation skipped; returns (trainer, per-step seconds, reference pass seconds).
+
+    `batch` pairs per optimizer step in `accumulation` microbatches; `bf16` is the HF Trainer's mixed precision
+    (fp32 weights, bf16 autocast); the device is CUDA when there is one."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
-
-    from feedbackalign import models
-    from feedbackalign import throughput
-
-    rows, cfg, tokenizer = trl_rows(spec, work)
 
     class SameTokensDPOTrainer(DPOTrainer):
         """TRL's DPOTrainer fed our token ids: its own tokenisation step returns the dataset unchanged."""
@@ -192,47 +217,60 @@ def run_trl(spec: dict, work: Path) -> dict:
             type(self).reference_pass_s = time.perf_counter() - started
             return out
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.ends = []
+    class Clock(StepClock, TrainerCallback):
+        pass
 
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
-
-    policy = models.build_model(cfg.model.name_or_path, torch.float32, seed=cfg.model.init_seed)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    n_steps = spec["warmup"] + spec["steps"]
     args = DPOConfig(
-        output_dir=str(work / "trl"), per_device_train_batch_size=spec["batch"], max_steps=n_steps,
-        learning_rate=float(cfg.lr), beta=float(cfg.loss.beta), max_length=spec["max_length"],
-        precompute_ref_log_probs=spec["cached"], gradient_checkpointing=False, bf16=False, use_cpu=True,
-        report_to=[], logging_steps=n_steps, save_strategy="no", eval_strategy="no",
-        train_sampling_strategy="sequential", lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=float(cfg.model.max_grad_norm), optim="adamw_torch", seed=cfg.seed, dataloader_num_workers=0,
+        output_dir=str(work / "trl"), per_device_train_batch_size=batch // accumulation,
+        gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=lr, beta=beta,
+        max_length=max_length, precompute_ref_log_probs=precompute, gradient_checkpointing=gradient_checkpointing,
+        bf16=bf16, use_cpu=not torch.cuda.is_available(), report_to=[], logging_steps=steps, save_strategy="no",
+        eval_strategy="no", train_sampling_strategy="sequential", lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=max_grad_norm, optim="adamw_torch", seed=seed, dataloader_num_workers=0,
         disable_tqdm=True)
     clock = Clock()
     trl = SameTokensDPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
                                processing_class=tokenizer, callbacks=[clock])
+    trl.train()
+    return trl, clock.step_times(), SameTokensDPOTrainer.reference_pass_s
+
+
+def trl_step_work(rows: list[dict], batch: int, step: int) -> tuple[list[int], int]:
+    """(sequence lengths, padded positions) of TRL's step `step`: each pair's prompt+chosen and prompt+rejected,
+    padded to the step's longest (TRL pads chosen and rejected together)."""
+    pairs = rows[step * batch: (step + 1) * batch]
+    lengths = [len(p["prompt_ids"]) + len(p[k]) for p in pairs for k in ("chosen_ids", "rejected_ids")]
+    return lengths, len(lengths) * max(lengths)
+
+
+def run_trl(spec: dict, work: Path) -> dict:
+    import torch
+
+    from feedbackalign import models
+    from feedbackalign import throughput
+
+    rows, cfg, tokenizer = trl_rows(spec, work)
+    policy = models.build_model(cfg.model.name_or_path, torch.float32, seed=cfg.model.init_seed)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    n_steps = spec["warmup"] + spec["steps"]
+    trl, times, reference_pass_s = trl_dpo(
+        policy, reference, rows, tokenizer, work, steps=n_steps, batch=spec["batch"], lr=float(cfg.lr),
+        beta=float(cfg.loss.beta), max_length=spec["max_length"], max_grad_norm=float(cfg.model.max_grad_norm),
+        seed=cfg.seed, precompute=spec["cached"])
     fresh = models.build_model(cfg.model.name_or_path, torch.float32, seed=cfg.model.init_seed)  # TRL patched its own
     agreement = reference_agreement(trl.train_dataset, fresh) if spec["cached"] else None
-    trl.train()
-    times = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
     tokens, units, positions, flops = [], [], [], []
     for step in range(len(times)):
-        pairs = rows[step * spec["batch"]: (step + 1) * spec["batch"]]
-        lengths = [len(p["prompt_ids"]) + len(p[k]) for p in pairs for k in ("chosen_ids", "rejected_ids")]
+        lengths, padded = trl_step_work(rows, spec["batch"], step)
         tokens.append(sum(lengths))
-        units.append(len(pairs))
-        positions.append(len(lengths) * max(lengths))  # chosen and rejected rows padded to the longest
+        units.append(len(lengths) // 2)
+        positions.append(padded)
         context = throughput.causal_context(lengths)  # FLOPs of the non-pad positions only
         flops.append(throughput.training_flops(policy.config, sum(lengths), context)
                      + (0.0 if spec["cached"] else throughput.forward_flops(policy.config, sum(lengths), context)))
     w = spec["warmup"]
     out = summarize(times, tokens, units, w)
-    out.update(reference_pass_s=SameTokensDPOTrainer.reference_pass_s, reference_max_abs_diff=agreement,
+    out.update(reference_pass_s=reference_pass_s, reference_max_abs_diff=agreement,
                padding_fraction=1 - sum(tokens[w:]) / sum(positions[w:]), sharing_saving=0.0,
                mfu=throughput.mfu(sum(flops[w:]), sum(times[w:]), throughput.peak_flops(None, torch.device("cpu"))))
     return out

@@ -1,5 +1,8 @@
 """The packed, prefix-shared forward equals the plain padded forward (values, hidden states, gradients) for
-every DataLoader's layout; its layout invariants; the model-FLOP accounting of throughput.py."""
+every DataLoader's layout, on both attention paths (SDPA per sequence; FlexAttention's block mask, forward only on
+CPU) and under a token budget that splits a microbatch into several forwards; the chunked LM-head log-probs and
+their gradients; that no (labels x vocab) tensor is kept for backward; its layout invariants; the model-FLOP
+accounting of throughput.py."""
 
 import math
 
@@ -93,11 +96,17 @@ def test_packed_equals_padded_for_every_loader(model, wordsort, tiny_tokenizer, 
     sequences = first_batch(cls, [wordsort], tiny_tokenizer, **options)
     with torch.no_grad():
         padded, packed = both(model, sequences)
-    assert_same(padded, packed)
-    assert packed.tokens == packed.positions == shared_tokens(sequences)  # no padding, prompts once
+        flex = logprobs.packed_logps(model, sequences, attention="flex")
+        budget = max(len(s.prompt_ids) + len(s.response_ids) for s in sequences)
+        split = logprobs.packed_logps(model, sequences, max_tokens=budget)
+    for other in (packed, flex, split):
+        assert_same(padded, other)
+    assert packed.tokens == packed.positions == flex.tokens == shared_tokens(sequences)  # no padding, prompts once
     assert packed.sequence_tokens == padded.tokens == sum(len(s.prompt_ids) + len(s.response_ids) for s in sequences)
     assert padded.positions >= padded.tokens == padded.logits
     assert packed.logits == logit_positions(sequences)
+    assert split.tokens == sum(shared_tokens([sequences[i] for i in f])
+                               for f in logprobs.forward_split(sequences, budget)) >= packed.tokens
 
 
 def test_prompts_are_shared_where_the_layout_repeats_them(wordsort, tiny_tokenizer):
@@ -126,16 +135,20 @@ def test_real_hh_pairs_and_their_hidden_states(model, shared_data, tiny_tokenize
     assert not packed.hidden[~packed.mask].any()
 
 
-def test_gradients_equal_between_layouts(wordsort, tiny_tokenizer):
+def test_gradients_equal_between_layouts_and_token_budgets(wordsort, tiny_tokenizer):
+    """Padded, packed in one forward, and packed in forwards of at most 40 tokens (groups cut between their
+    responses): the same parameter gradients."""
     sequences = first_batch(dl.RewardDataLoader, [wordsort], tiny_tokenizer, n_responses=4)
+    assert len(logprobs.forward_split(sequences, 40)) > len({s.prompt_ids for s in sequences})
     grads = []
-    for layout in ("padded", "packed"):
+    for layout, budget in (("padded", None), ("packed", None), ("packed", 40)):
         net = small_llama()
-        out = logprobs.sequence_logps(net, sequences, PAD, layout)
+        out = logprobs.sequence_logps(net, sequences, PAD, layout, max_tokens=budget)
         (out.sums * torch.linspace(-1, 1, len(sequences))).sum().backward()
         grads.append({n: p.grad for n, p in net.named_parameters()})
-    for name, g in grads[0].items():
-        assert torch.allclose(g, grads[1][name], atol=1e-5, rtol=1e-4), name
+    for other in grads[1:]:
+        for name, g in grads[0].items():
+            assert torch.allclose(g, other[name], atol=1e-5, rtol=1e-4), name
 
 
 def test_activation_checkpointing_recomputes_through_the_shared_attention(wordsort, tiny_tokenizer):
@@ -152,12 +165,15 @@ def test_activation_checkpointing_recomputes_through_the_shared_attention(wordso
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
-def test_grouped_query_attention():
+def test_grouped_query_attention_on_both_paths():
+    """K/V heads shared by query heads: repeated for SDPA, read in place by FlexAttention (enable_gqa)."""
     net = small_llama(num_key_value_heads=2)
     prompt = tuple(range(10, 30))
     sequences = [Sequence(prompt, (40, 41, 42, 0)), Sequence(prompt, (50, 0)), Sequence((7, 8), (9, 10, 0))]
     with torch.no_grad():
-        assert_same(*both(net, sequences))
+        padded, packed = both(net, sequences)
+        assert_same(padded, packed)
+        assert_same(padded, logprobs.packed_logps(net, sequences, attention="flex"))
 
 
 def test_sliding_window_models_are_exact_inside_the_window_and_refused_beyond_it():
@@ -196,10 +212,11 @@ def test_pack_places_every_label_after_its_own_context():
             assert int(layout.labels[at + k]) == s.response_ids[k]
         at += len(s.response_ids)
     # attention runs over each distinct sequence's own text, bucketed by length, never over the whole row
-    rows = [[int(layout.input_ids[0, i]) for i in row] for g in layout.index.gathers for row in g]
+    index = layout.index
+    rows = [[int(layout.input_ids[0, i]) for i in row] for g in index.gathers for row in g]
     texts = [[5, 6, 7, 8, 9, 0], [5, 6, 7, 30, 0], [20, 21, 22, 0], [20, 21]]
     assert [r[: len(t)] for r, t in zip(rows, texts)] == texts
-    assert [tuple(g.shape) for g in layout.index.gathers] == [(2, 6), (1, 4), (1, 2)]
+    assert [tuple(g.shape) for g in index.gathers] == [(2, 6), (1, 4), (1, 2)]
 
 
 def test_duplicates_and_empty_responses(model):
@@ -260,6 +277,155 @@ def test_from_rows_round_trip():
     out = logprobs.TokenLogps.from_rows(rows)
     assert out.token_logps.tolist() == [[-1.0, -2.0], [0.0, 0.0], [-3.0, 0.0]]
     assert out.counts.tolist() == [2, 0, 1] and out.sums.tolist() == [-3.0, 0.0, -3.0]
+
+
+# ---------------------------------------------------------------- bounded memory: token budget, LM head, attention
+
+
+def test_forward_split_keeps_groups_whole_within_the_budget():
+    """Whole prompt groups in order while the packed row fits; a group above the budget is cut between its
+    distinct responses (its prompt repeated, duplicates kept together); a sequence above it runs alone."""
+    a, b, c = (1,) * 10, (2,) * 4, (3,) * 30
+    sequences = [Sequence(a, (5,) * 6), Sequence(a, (6,) * 6), Sequence(b, (7,) * 3), Sequence(a, (5,) * 6),
+                 Sequence(c, (8,) * 20), Sequence(b, (9,) * 12), Sequence(a, (10,) * 9)]
+    assert logprobs.forward_split(sequences, None) == [list(range(7))]
+    assert logprobs.forward_split(sequences, 1000) == [list(range(7))]
+    # a: 10 + 6 + 6 + 9 = 31 > 25 -> [0, 1, 3] (22) and [6] (19); b: 4 + 3 + 12 = 19; c: 50 alone
+    assert logprobs.forward_split(sequences, 25) == [[0, 1, 3], [6], [2, 5], [4]]
+    for indices in logprobs.forward_split(sequences, 25):
+        part = [sequences[i] for i in indices]
+        assert logprobs.packed_tokens(part) <= 25 or len({s.response_ids for s in part}) == 1
+    assert sorted(i for f in logprobs.forward_split(sequences, 7) for i in f) == list(range(7))
+
+
+def test_forwards_agreed_across_ranks_add_zero_weight_forwards():
+    """A rank that must run more forwards than its own split (FSDP: every rank the same number) runs extra
+    forwards of its shortest sequence: same values and gradients, their tokens counted as computed."""
+    sequences = [Sequence((5, 6, 7), (8, 9, 0)), Sequence((5, 6, 7), (10, 0)), Sequence((3, 4), (11, 12, 0))]
+    results = []
+    for forwards in (1, 3):
+        net = small_llama()
+        out = logprobs.packed_logps(net, sequences, forwards=forwards)
+        (out.sums * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        results.append((out, torch.cat([p.grad.reshape(-1) for p in net.parameters()])))
+    (one, grad_one), (three, grad_three) = results
+    assert torch.equal(one.token_logps, three.token_logps) and torch.allclose(grad_one, grad_three, atol=1e-7)
+    assert three.tokens == one.tokens + 2 * 5 and logprobs.forward_count(sequences, max_tokens=6) == 3
+
+
+def test_flex_block_mask_is_the_per_sequence_causal_mask():
+    """The block mask's elements are exactly 'key of my own sequence, not after me' (prompt + own response),
+    across tile boundaries; its tiles equal torch's create_block_mask of the same mask function."""
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask
+
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return tuple(torch.randint(5, 90, (n,), generator=g).tolist())
+
+    sequences = [Sequence(p, ids(n)) for p, ns in ((ids(70), (90, 30, 150)), (ids(5), (3,)), (ids(140), (60, 61)))
+                 for n in ns]
+    layout = logprobs.pack(sequences)
+    total = layout.input_ids.shape[1]
+    block_mask = layout.mask(torch.device("cpu")).block_mask
+    expected = torch.zeros(total, total, dtype=torch.bool)
+    for at, p, start, n in layout.spans:  # each (prompt, response) sequence: causal over its own positions
+        row = torch.cat([torch.arange(at, at + p), torch.arange(start, start + n)])
+        expected[row.unsqueeze(1), row.unsqueeze(0)] = torch.ones(len(row), len(row), dtype=torch.bool).tril()
+    assert torch.equal(create_mask(block_mask.mask_mod, 1, 1, total, total, device="cpu")[0, 0], expected)
+    reference = create_block_mask(block_mask.mask_mod, None, None, total, total, device="cpu")
+    assert torch.equal(block_mask.to_dense(), reference.to_dense())
+    assert torch.equal(block_mask.full_kv_num_blocks, reference.full_kv_num_blocks)
+
+
+def test_flex_refuses_to_train_on_cpu_and_unknown_paths_are_named(model):
+    sequences = [Sequence((3, 4), (5, 0))]
+    with pytest.raises(ConfigError, match="packed_attention=flex trains on CUDA only"):
+        logprobs.packed_logps(model, sequences, attention="flex")
+    with pytest.raises(ConfigError, match="packed_attention=ring is unknown"):
+        logprobs.packed_logps(model, sequences, attention="ring")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_label_logps_and_their_gradients(monkeypatch, bias):
+    """Several chunks (LOGITS_CHUNK_BYTES lowered): log softmax(h W^T + b)[y] and d/dh, d/dW, d/db equal the
+    plain full-logits computation (float64 gradcheck, and against autograd of the plain form)."""
+    monkeypatch.setattr(logprobs, "LOGITS_CHUNK_BYTES", 4 * 11 * 3)  # 3 rows per chunk of an 11-token vocab
+    torch.manual_seed(0)
+    head = torch.nn.Linear(5, 11, bias=bias).double()
+    hidden = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (10,))
+    weights = torch.randn(10, dtype=torch.float64)
+    values = logprobs.linear_label_logps(hidden, head, labels)
+    plain = torch.log_softmax(head(hidden), -1).gather(-1, labels[:, None]).squeeze(-1)
+    assert torch.allclose(values, plain)
+    got = torch.autograd.grad((values * weights).sum(), [hidden, *head.parameters()])
+    want = torch.autograd.grad((plain * weights).sum(), [hidden, *head.parameters()])
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b)
+    assert torch.autograd.gradcheck(lambda h, w: logprobs.LinearLabelLogps.apply(h, w, head.bias, labels,
+                                                                                   torch.float64),
+                                    (hidden, head.weight.detach().clone().requires_grad_()))
+
+
+def test_chunked_label_logps_compute_in_autocasts_dtype():
+    """Under bf16 autocast the head's matmul runs in bf16 (like autocast's F.linear), the log-softmax in fp32, and
+    the fp32 weight gets an fp32 gradient."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 300, bias=False)
+    hidden = torch.randn(40, 64)
+    labels = torch.randint(0, 300, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = logprobs.linear_label_logps(hidden, head, labels)
+        logits = head(hidden)
+    assert logits.dtype == torch.bfloat16 and values.dtype == torch.float32
+    assert torch.allclose(values, torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None]).squeeze(-1),
+                          atol=1e-6)
+    values.sum().backward()
+    assert head.weight.grad.dtype == torch.float32
+
+
+def saved_for_backward(function) -> list[tuple[int, ...]]:
+    """Shapes of the non-parameter tensors autograd saves while `function` runs."""
+    shapes = []
+
+    def keep(tensor):
+        if not isinstance(tensor, torch.nn.Parameter):
+            shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        function()
+    return shapes
+
+
+def test_no_labels_by_vocab_tensor_is_kept_for_backward(model, wordsort, tiny_tokenizer):
+    """What the packed forward keeps for backward has no vocabulary-sized dimension (the LM head keeps its hidden
+    rows and one logsumexp per label); the padded forward, by contrast, keeps (labels x vocab) fp32 logits for
+    the logsumexp's backward."""
+    sequences = first_batch(dl.PairedPreferenceDataLoader, [wordsort], tiny_tokenizer, batch_size=8)
+    vocab = model.config.vocab_size
+    packed = saved_for_backward(lambda: logprobs.packed_logps(model, sequences))
+    padded = saved_for_backward(lambda: logprobs.padded_logps(model, sequences, PAD))
+    assert packed and not [s for s in packed if vocab in s]
+    assert (sum(len(s.response_ids) for s in sequences), vocab) in padded
+
+
+def test_a_head_with_lora_adapters_computes_its_logits():
+    """An LM head that is not a plain Linear (LoRA adapters on lm_head) takes the logits path: still the padded
+    values and gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    sequences = [Sequence((5, 6, 7), (8, 9, 0)), Sequence((5, 6, 7), (10, 0)), Sequence((3, 4), (11, 12, 0))]
+    grads = []
+    for layout in ("padded", "packed"):
+        net = get_peft_model(small_llama(), LoraConfig(r=2, target_modules=["lm_head", "q_proj"], init_lora_weights=False))
+        out = logprobs.sequence_logps(net, sequences, PAD, layout)
+        out.sums.sum().backward()
+        grads.append((out.token_logps.detach(), [p.grad for p in net.parameters() if p.requires_grad]))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=ATOL)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- throughput accounting

@@ -48,9 +48,11 @@ def dpo_at_lr_1e6(run_root, *overrides):
     return trainer, losses(trainer), changed / sum(p.numel() for p in trainer.policy.parameters())
 
 
-def head_output_dtype(trainer) -> torch.dtype:
+def matmul_output_dtype(trainer) -> torch.dtype:
+    """The output dtype of the policy's first Linear (the packed forward's LM head returns fp32 log-probs)."""
     seen = []
-    handle = trainer.policy.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    linear = next(m for m in trainer.policy.modules() if isinstance(m, torch.nn.Linear))
+    handle = linear.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
     trainer.policy_logps(next(iter(trainer.train_loader)), grad=False)
     handle.remove()
     return seen[0]
@@ -69,7 +71,7 @@ def test_bf16_compute_with_fp32_master_weights_learns_like_fp32_and_pure_bf16_do
     # fp32 master weights and AdamW moments, computed in bf16 (autocast: one process, not sharded)
     assert {p.dtype for p in mixed.policy.parameters()} == {torch.float32}
     assert {s["exp_avg"].dtype for s in mixed.optimizer.state.values()} == {torch.float32}
-    assert head_output_dtype(mixed) == torch.bfloat16 and head_output_dtype(fp32) == torch.float32
+    assert matmul_output_dtype(mixed) == torch.bfloat16 and matmul_output_dtype(fp32) == torch.float32
     # every weight moves and the margin grows as in fp32 (within 2x); the losses are bf16's, not fp32's
     assert fp32_changed > 0.99 and mixed_changed > 0.99
     assert late_margin(fp32_log) > 1e-3 and 0.5 < late_margin(mixed_log) / late_margin(fp32_log) < 2

@@ -189,3 +189,24 @@ def test_one_weight_changed_by_one_ulp_misses_the_whole_cache(tmp_path):
 
     assert cache_pass("same", tmp_path / "same.pt") == {"hits": computed, "misses": 0}
     assert cache_pass("one_ulp", tmp_path / "one_ulp.pt") == {"hits": 0, "misses": computed}
+
+
+def test_cache_pass_runs_token_budgeted_rounds_with_progress(tmp_path, capfd, monkeypatch):
+    """Each round is one packed forward of whole prompt groups within model.max_tokens_per_forward (so a K-group
+    computes its prompt once), every missing sequence in exactly one round; the pass shows a bar with the
+    sequences written, rate and ETA (forced on: stderr is not a terminal here)."""
+    from feedbackalign import ref_cache
+    from feedbackalign.logprobs import packed_tokens
+
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    trainer = make_trainer(tmp_path, "loss=nca", *RUN, "cache_reference_logprobs=true",
+                           "model.max_tokens_per_forward=200")
+    misses = trainer.reference_cache.stats["misses"]
+    bar = capfd.readouterr().err
+    assert "reference cache" in bar and f"{misses}/{misses}" in bar and "seq/s" in bar
+    sequences = ref_cache.all_sequences([trainer.train_loader], trainer.reference_parts)
+    todo = [(trainer.reference_cache.key(s), s) for s in sequences]
+    rounds = ref_cache.rounds(todo, 200)
+    assert sorted(k for r in rounds for k, _ in r) == sorted(k for k, _ in todo) and len(todo) == misses
+    assert all(packed_tokens([s for _, s in r]) <= 200 for r in rounds)
+    assert len(rounds) < len({s.prompt_ids for s in sequences}) < len(sequences)  # groups share rounds and prompts

@@ -83,10 +83,11 @@ def records(trainer) -> list[dict]:
 
 
 def compute_dtype_seen(trainer) -> str:
-    """The dtype the LM head really computes in (FSDP2 all-gathers in the compute dtype)."""
+    """The dtype the decoder's matmuls really compute in (FSDP2 all-gathers in the compute dtype, autocast casts):
+    the output of its first Linear (the packed forward's LM head returns fp32 label log-probs, not logits)."""
     seen = []
-    head = trainer.policy.get_output_embeddings()
-    handle = head.register_forward_hook(lambda module, args, out: seen.append(str(out.dtype)))
+    linear = next(m for m in trainer.policy.modules() if isinstance(m, torch.nn.Linear))
+    handle = linear.register_forward_hook(lambda module, args, out: seen.append(str(out.dtype)))
     try:
         trainer.policy_logps(next(iter(trainer.train_loader)), grad=False)
     finally:
