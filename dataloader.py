@@ -194,7 +194,9 @@ class Item:
 
 
 class DataLoader:
-    """Shared machinery: options, item collection, epoch order, sharding, tokenisation cache, resume."""
+    """Shared machinery: options, item collection, epoch order, sharding, tokenisation cache, resume.
+    `batch_size_key` is the config key that set `batch_size` (model.batch_size or model.eval_batch_size), named
+    in the error when a split holds less than one batch."""
 
     batch_kind: str = ""           # the Batch layout it yields (batches.KINDS)
     OPTIONS: dict[str, Any] = {}
@@ -205,7 +207,7 @@ class DataLoader:
                  gradient_accumulation_steps: int = 1, rank: int = 0, world_size: int = 1, max_length: int = 512,
                  max_prompt_length: int = 256, seed: int = 0, n_epochs: Optional[int] = None,
                  n_examples: Optional[int] = None, shuffle: bool = True,
-                 prompt_format: PromptFormat = PromptFormat(), **loader_options):
+                 prompt_format: PromptFormat = PromptFormat(), batch_size_key: str = "batch_size", **loader_options):
         self.name = type(self).__name__
         self.options = self._check_options(loader_options)
         self.tokenizer, self.split, self.seed, self.shuffle = tokenizer, split, int(seed), bool(shuffle)
@@ -223,8 +225,8 @@ class DataLoader:
         self._buckets = self._bucket_items()
         self.steps_per_epoch = sum(len(b) // self.batch_size for b in self._buckets)
         if self.steps_per_epoch == 0:
-            raise DataError(f"{self.name}: {self._size_text()} fewer than one global batch (batch_size "
-                            f"{self.batch_size}) on split '{split}'; lower batch_size or add data")
+            raise DataError(f"{self.name}: {self._size_text()} fewer than one global batch ({batch_size_key}="
+                            f"{self.batch_size}) on split '{split}'; lower {batch_size_key} or add data")
         if n_examples is not None:
             self.total_steps = math.ceil(int(n_examples) / self.batch_size)
         else:

@@ -46,7 +46,7 @@ from transformers import GenerationConfig
 
 import dataloader
 from feedbackalign import builders, checkpoints, models
-from feedbackalign.configuration import as_dict, compose
+from feedbackalign.configuration import as_dict, check_overrides, compose
 from feedbackalign.errors import CheckpointError, ConfigError, DataError, EnvError, UserError, one_line
 from feedbackalign.feedback import last_user_turn
 from feedbackalign.fileio import write_json_atomic
@@ -97,7 +97,10 @@ def load_config(run_dir: Path, config_name: str, overrides: list[str]) -> DictCo
     try:
         saved = OmegaConf.load(path)
         defaults = [f"++{k}={'null' if v is None else json.dumps(v)}" for k, v in DEFAULTS.items() if k not in saved]
-        return compose(defaults + list(overrides), config_dir=run_dir, config_name=config_name)
+        known = compose(defaults, config_dir=run_dir, config_name=config_name, check=False)
+        check_overrides(overrides, known=known, hint=f"the keys are {path}'s and eval.py's own "
+                                                     "(python eval.py --help)")
+        return compose(defaults + list(overrides), config_dir=run_dir, config_name=config_name, check=False)
     except (HydraException, OmegaConfBaseException) as e:
         why = " ".join(line.strip() for line in str(e).splitlines()[:2] if line.strip()) or type(e).__name__
         raise ConfigError(f"config of {run_dir} with overrides {' '.join(overrides) or '(none)'}: {why}") from None
@@ -396,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir, name, overrides = parse_args(argv)
         cfg = load_config(run_dir, name, overrides)
         check_settings(cfg)
+        models.check_available(cfg.model)
         builders.seed_everything(cfg.seed, False)
         (sample if cfg.mode == "sample" else evaluate)(cfg, run_dir)
     except UserError as e:

@@ -3,6 +3,12 @@
 One process on CPU; one process per visible GPU (spawned) on a GPU node; under torchrun, the processes torchrun
 made (many nodes). The loss config names its Trainer subclass (trainers.py) and DataLoader (dataloader.py); no
 code tests a loss's name. With no arguments it trains the embedded tiny model on the built-in task, offline.
+
+Checks run in this order, each failing with one `train.py: error:` line naming the key to change, before
+anything is written: the command line's names and keys (`configuration.check_command_line`, before Hydra
+composes it: a typo such as `+betta=0.5` is not silently added), then the values, models, data, and last the run
+directory (`builders.build_trainer`). Under torchrun only rank 0 prints. A run ends with a summary (final train
+and held-out metrics, wall time, tokens/s, the paths of metrics.jsonl, LATEST and the HF export).
 """
 
 from __future__ import annotations
@@ -14,9 +20,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from feedbackalign import builders, distributed
-from feedbackalign.configuration import CONFIG_DIR
-from feedbackalign.errors import USER_ERROR_EXIT, exit_on_user_error
+from feedbackalign import builders, distributed, run_summary
+from feedbackalign.configuration import CONFIG_DIR, check_command_line
+from feedbackalign.errors import USER_ERROR_EXIT, exit_on_user_error, warnings_as_lines
 
 
 def worker(rank: int, local_rank: int, world_size: int, cfg: DictConfig) -> None:
@@ -34,9 +40,9 @@ def run(cfg: DictConfig, rank: int, world_size: int, device: torch.device) -> No
 
         wandb.init(entity=cfg.wandb.entity, project=cfg.wandb.project, name=cfg.exp_name,
                    config=OmegaConf.to_container(cfg, resolve=True), dir=str(trainer.run_dir))
-    trainer.train()
+    summary = trainer.train()
     if rank == 0:
-        print(f"done: {trainer.run_dir / 'LATEST'}", flush=True)
+        print(run_summary.render(summary), flush=True)
 
 
 def spawned(local_rank: int, world_size: int, cfg: DictConfig, port: int) -> None:
@@ -70,4 +76,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    launched = distributed.world_from_env()
+    first = launched is None or launched[0] == 0   # torchrun: only rank 0 prints
+    warnings_as_lines("train.py", show=first)
+    with exit_on_user_error("train.py", show=first):
+        check_command_line(sys.argv[1:])
     main()

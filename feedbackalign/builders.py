@@ -24,7 +24,7 @@ import dataloader
 import trainers
 from feedbackalign import checkpoints, distributed, getters, models, ref_cache
 from feedbackalign.configuration import as_dict
-from feedbackalign.errors import ConfigError, EnvError
+from feedbackalign.errors import ConfigError, EnvError, SettingWarning
 
 # ---------------------------------------------------------------- classes named by the loss config
 
@@ -61,8 +61,18 @@ def dataloader_class(cfg: DictConfig, trainer: type) -> type:
 
 
 def load_datasets(cfg: DictConfig, split: str) -> list:
+    """cfg.datasets' `split`, each with its `dataset_options.<name>`; a user file (`jsonl:<path>`, whose name
+    cannot be a command-line key) takes `dataset_options.jsonl` / `dataset_options.json` unless named itself."""
     options = as_dict(cfg.get("dataset_options"))
-    return [getters.get_dataset(name, split, data_dir=cfg.data_dir, **options.get(name, {})) for name in cfg.datasets]
+    return [getters.get_dataset(name, split, data_dir=cfg.data_dir, **dataset_options(options, name))
+            for name in cfg.datasets]
+
+
+def dataset_options(options: dict, name: str) -> dict:
+    spec = getters.file_spec(name)
+    if name in options or spec is None:
+        return options.get(name, {})
+    return options.get(spec[0], {})
 
 
 def build_tokenizer(cfg: DictConfig):
@@ -83,6 +93,7 @@ def build_loader(cfg: DictConfig, tokenizer, *, split: str, train: bool, rank: i
         max_length=m.max_length, max_prompt_length=m.max_prompt_length,
         n_epochs=cfg.n_epochs if train else 1, n_examples=cfg.n_examples if train else cfg.n_eval_examples,
         shuffle=train, prompt_format=dataloader.PromptFormat.from_config(m),
+        batch_size_key="model.batch_size" if train else "model.eval_batch_size",
         **{k: v for k, v in options.items() if v is not None})
 
 
@@ -218,6 +229,17 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     return run_dir, None
 
 
+def warn_if_random_start(cfg: DictConfig, trainer_cls: type) -> None:
+    """Alignment losses start from an SFT model: say so when one would start from a random init (the tiny model
+    or model.name_or_path=random without model.load_from; hub models start from their pretrained weights)."""
+    if cfg.model.load_from or cfg.resume or issubclass(trainer_cls, trainers.SFTTrainer) or \
+            cfg.model.name_or_path not in (models.TINY_NAME, models.RANDOM_NAME):
+        return
+    warnings.warn(f"loss={cfg.loss.name} aligns a model but starts from model={cfg.model.name}'s random init "
+                  "(model.load_from is not set): train SFT first (python train.py loss=sft) and pass "
+                  "model.load_from=<that run>/LATEST/policy.pt", SettingWarning, stacklevel=2)
+
+
 def release_memory() -> None:
     """Return freed model memory (the reference after the cache pass) to the system / CUDA allocator."""
     gc.collect()
@@ -227,18 +249,25 @@ def release_memory() -> None:
 
 def build_trainer(cfg: DictConfig, rank: int = 0, world_size: int = 1,
                   device: torch.device = torch.device("cpu")) -> trainers.BasicTrainer:
-    """Everything before the loop: data, models, sharding, reference (live, or a cache pass then freed), run dir,
-    resume. Order matters: weights are broadcast and fingerprinted before sharding; the cache pass runs on the
-    sharded reference."""
-    seed_everything(cfg.seed, cfg.deterministic)
-    run_dir, resume_from = resolve_run_dir(cfg)
+    """Everything before the loop. Checks come first, in the order a user fixes them, so a run fails on the first
+    thing to change and before anything is written: names (the loss's trainer and DataLoader), values, the model
+    and tokenizer being loadable here (every missing piece in one message), the data, then the run directory.
+    Then: models, sharding, reference (live, or a cache pass then freed), run dir, resume. Weights are broadcast
+    and fingerprinted before sharding; the cache pass runs on the sharded reference."""
     trainer_cls = trainer_class(cfg)
     dataloader_class(cfg, trainer_cls)
     sharded = use_fsdp(cfg, world_size)
+    models.check_available(cfg.model)
+    if rank == 0:
+        warn_if_random_start(cfg, trainer_cls)
+    seed_everything(cfg.seed, cfg.deterministic)
     tokenizer = build_tokenizer(cfg)
     train_loader = build_loader(cfg, tokenizer, split="train", train=True, rank=rank, world_size=world_size)
     eval_loader = build_loader(cfg, tokenizer, split="test", train=False, rank=rank, world_size=world_size) \
         if cfg.n_eval_examples else None
+    if cfg.model.load_from:
+        checkpoints.policy_file(cfg.model.load_from)
+    run_dir, resume_from = resolve_run_dir(cfg)
     policy = build_policy(cfg, tokenizer, device)
     if not models.is_quantized(policy):
         distributed.broadcast_parameters(policy)

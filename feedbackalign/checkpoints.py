@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from transformers.utils import logging as hf_logging
 
 from feedbackalign.errors import CheckpointError
 from feedbackalign.models import is_lora, is_quantized
@@ -140,7 +141,18 @@ def by_module(full: dict) -> dict[str, dict]:
 
 
 def export_hf(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: bool = True) -> None:
-    """save_pretrained export loadable with plain AutoModelForCausalLM (LoRA merged), or the peft adapter."""
+    """save_pretrained export loadable with plain AutoModelForCausalLM (LoRA merged), or the peft adapter; without
+    transformers' "Writing model shards" bar (the run's summary names the export)."""
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        save_export(model, tokenizer, plain, state, out_dir, merge)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def save_export(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: bool) -> None:
     if is_lora(model):
         if merge:
             model.get_base_model().save_pretrained(out_dir, state_dict=plain, safe_serialization=True)
@@ -252,14 +264,20 @@ def latest_dir(run_dir) -> Path:
     return latest.resolve()
 
 
-def load_policy_weights(path) -> dict:
-    """The weights from a HALOs-style policy.pt (or a bare state dict), without executing pickled code."""
+def policy_file(path) -> Path:
+    """The policy.pt that model.load_from names (the file, or a directory holding one); it must exist."""
     path = Path(path)
     if path.is_dir():
         path = path / "policy.pt"
     if not path.is_file():
         raise CheckpointError(f"model.load_from: {path} does not exist (give a run's LATEST/policy.pt or its "
                               "directory)")
+    return path
+
+
+def load_policy_weights(path) -> dict:
+    """The weights from a HALOs-style policy.pt (or a bare state dict), without executing pickled code."""
+    path = policy_file(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix

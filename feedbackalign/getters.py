@@ -638,7 +638,8 @@ GETTERS: dict[str, Callable[..., Dataset]] = {
 
 
 
-def _file_spec(name: str) -> Optional[tuple[str, str]]:
+def file_spec(name: str) -> Optional[tuple[str, str]]:
+    """(kind, path) of a user-file dataset name ('jsonl:<path>', 'json:<path>', or a .jsonl/.json path), else None."""
     for kind in ("jsonl", "json"):
         if name.startswith(kind + ":"):
             return kind, name[len(kind) + 1:]
@@ -660,7 +661,7 @@ def _check_options(name: str, fn: Callable, options: dict, reserved: tuple = ())
 
 def get_dataset(name: str, split: str, data_dir=None, **options) -> Dataset:
     """Dispatch by name to get_<name>; 'jsonl:<path>' / 'json:<path>' (or a .jsonl/.json path) read a user file."""
-    spec = _file_spec(name)
+    spec = file_spec(name)
     if spec is not None:
         _check_options(name, get_jsonl, options, reserved=("path", "name"))
         return get_jsonl(split, data_dir, path=spec[1], name=name, **options)
