@@ -163,9 +163,7 @@ def has_key(cfg, key: str) -> bool:
                 return False
             node = node._get_node(part)
         elif isinstance(node, ListConfig):
-            if not part.isdigit() or int(part) >= len(node):
-                return False
-            node = node._get_node(int(part))
+            return part.isdigit()   # an item of a list the same command line may replace: Hydra checks the index
         else:
             return False
     return True
