@@ -428,7 +428,8 @@ def score_text(path: Path, rewards: list[float]) -> str:
 
     mean, low, high = mean_ci(rewards)
     perfect = sum(r == PERFECT_REWARD for r in rewards) / len(rewards)
-    return f"{path}: {len(rewards)} samples, true reward {mean:.2f} (95% CI {low:.2f}-{high:.2f}), perfect {perfect:.0%}"
+    n = f"{len(rewards)} sample{'s' if len(rewards) != 1 else ''}"
+    return f"{path}: {n}, true reward {mean:.2f} (95% CI {low:.2f}-{high:.2f}), perfect {perfect:.0%}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:

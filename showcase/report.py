@@ -296,7 +296,7 @@ def _figure(n_panels: int):
     return fig, list(axes.flat)
 
 
-def plot_training_curves(metrics: dict[str, list[dict]], path: Path) -> None:
+def plot_training_curves(metrics: dict[str, list[dict]], path: Path) -> Figure:
     """One panel per run: training loss (EMA-smoothed) and the held-out eval loss."""
     fig, axes = _figure(len(metrics))
     for ax, (name, records) in zip(axes, metrics.items()):
@@ -313,12 +313,13 @@ def plot_training_curves(metrics: dict[str, list[dict]], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig
 
 
 FIGURE2 = (("dpo", "C0", "-"), ("nca", "C2", "-"), ("dpo-beta0.1", "C0", "--"), ("nca-beta0.1", "C2", "--"))
 
 
-def plot_chosen_logp(metrics: dict[str, list[dict]], sft_logp: float, n_prompts: int, path: Path) -> None:
+def plot_chosen_logp(metrics: dict[str, list[dict]], sft_logp: float, n_prompts: int, path: Path) -> Figure:
     """Held-out log p(chosen) and log p(rejected) over training, DPO versus NCA (the NCA paper's Figure 2), on the
     report's held-out prompts; the SFT model's log p(chosen) from the table is the labelled baseline."""
     fig, axes = _figure(2)
@@ -335,12 +336,13 @@ def plot_chosen_logp(metrics: dict[str, list[dict]], sft_logp: float, n_prompts:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig
 
 
 VERDICT_COLOURS = {"higher": "C2", "no clear change": "C0", "lower": "C3"}
 
 
-def plot_true_reward(rows: list[dict], path: Path) -> None:
+def plot_true_reward(rows: list[dict], path: Path) -> Figure:
     """Mean true reward per model with its 95% interval on the full 0-10 scale; the SFT baseline as a labelled
     grey bar and line; colours (in the legend) by whether the paired gain over SFT is clearly positive / negative."""
     from matplotlib.patches import Patch
@@ -364,6 +366,7 @@ def plot_true_reward(rows: list[dict], path: Path) -> None:
     ax.legend(handles=handles, fontsize=7, loc="lower left", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig
 
 
 # ---------------------------------------------------------------- writing
