@@ -78,8 +78,8 @@ FULL = Scale(sft_examples=9600, align_examples=1920, eval_every=320, n_eval_exam
 # examples), so its report and console say SMOKE TEST and its numbers are not results.
 QUICK = Scale(sft_examples=192, align_examples=48, eval_every=24, n_eval_examples=16, eval_batch_size=16,
               n_samples=16, batch_size=16, max_new_tokens=16, options=("++dataset_options.wordsort.n_prompts=64",))
-SMOKE_TEST = ("SMOKE TEST (--quick): every stage ran, on budgets far too small to train the model; these numbers "
-              "are not results. `make demo` (without --quick) gives the real comparison.")
+SMOKE_TEST = ("every stage ran, on budgets far too small to train the model; these numbers are not results. "
+              "`make demo` (without --quick) gives the real comparison.")
 TEMPERATURE = 1.0      # sample the policy as trained: alignment must move the distribution, not just its mode
 # One torch thread per stage, `--jobs` stages at once: the tiny model gains little from a second thread, and two
 # threads on a core another process also wants stall each other (5 s/step instead of 0.5 s measured here).
@@ -360,7 +360,7 @@ def run_demo(args) -> Path:
     overrides.update({n: merged(RUNS[n][1], extra[n]) for n in runs})
     runner = Runner(out, args.jobs, args.fresh)
     if args.quick:
-        runner.say(SMOKE_TEST)
+        runner.say(f"SMOKE TEST (--quick): {SMOKE_TEST}")
     runner.say(f"{len(models)} models ({', '.join(models)}) on the built-in wordsort task, up to {args.jobs} stages "
                f"at a time -> {out} (logs in {out / 'logs'})")
     if args.judge_url:
@@ -386,7 +386,7 @@ def run_demo(args) -> Path:
     print(path.read_text(encoding="utf-8"), flush=True)
     runner.say(f"done in {(time.perf_counter() - runner.started) / 60:.1f} min; report in {path.parent}")
     if args.quick:
-        runner.say(SMOKE_TEST)
+        runner.say(f"SMOKE TEST (--quick): {SMOKE_TEST}")
     return path
 
 

@@ -232,7 +232,7 @@ def heading(settings: dict) -> list[str]:
     if not settings["quick"]:
         return [f"# {TITLE}", ""]
     why = settings.get("smoke_test") or "--quick budgets are far too small to train; these numbers are not results."
-    return [f"# SMOKE TEST (--quick): {TITLE}", "", f"**{why}**", ""]
+    return [f"# SMOKE TEST (--quick): {TITLE}", "", f"**Smoke test: {why}**", ""]
 
 
 def markdown(rows: list[dict], manifest: dict, sampling: dict, configs: dict) -> str:
@@ -258,7 +258,8 @@ def markdown(rows: list[dict], manifest: dict, sampling: dict, configs: dict) ->
         "win-rate interval: Wilson 95%.",
         f"- Δ held-out log p(chosen): mean summed log-probability of the best response on the first "
         f"{s['n_logp_prompts']} test prompts, minus the SFT model's (NCA paper, Figure 2: DPO lowers it, NCA keeps "
-        "it); the training runs evaluate on the same prompts, so chosen_logp.png ends at these values.",
+        "it); the training runs evaluate on the same prompts, so chosen_logp.png starts at the SFT value and "
+        "ends at each run's.",
         f"- LLM judge: {judge}.",
         f"- {seeds_text(configs)}",
         "",
