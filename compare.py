@@ -2,6 +2,7 @@
 
     python compare.py -f samples/a.json -ck policy -bk chosen -r results.jsonl
     python compare.py -f samples/a.json -f2 samples/b.json -ck policy -bk policy -r results.jsonl
+    python compare.py -f samples/a.json -mc 512 -bk chosen -ck policy -r results.jsonl -j gpt-4o   # HALOs' flags
 
 The first form judges one key of a samples file (the candidate) against another key of the same file (the
 baseline); the second judges model A's key from file 1 against model B's key from file 2, matched by sample id.
@@ -52,6 +53,7 @@ from typing import Callable, Optional
 import openai
 
 from feedbackalign.fileio import write_json_atomic
+from feedbackalign.progress import progress
 from feedbackalign.stats import wilson_interval
 from feedbackalign.errors import DataError
 
@@ -564,6 +566,7 @@ def judge_all(todo: list[Comparison], work: Callable[[Comparison], dict], log: R
 
     pool = futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge")
     pending = {pool.submit(task, c): c for c in todo}
+    bar = progress(desc="judge", total=len(todo), unit="comparison")
     try:
         for future in futures.as_completed(pending):
             if future.cancelled():
@@ -571,6 +574,7 @@ def judge_all(todo: list[Comparison], work: Callable[[Comparison], dict], log: R
             try:
                 future.result()
                 result.judged += 1
+                bar.update(1)
             except Stopped:
                 continue
             except FatalJudgeError as err:
@@ -588,6 +592,7 @@ def judge_all(todo: list[Comparison], work: Callable[[Comparison], dict], log: R
         stop.set()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
     return result
 
 
@@ -625,23 +630,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="compare.py", description="Pairwise LLM judge over eval.py samples files "
                                 "(both orders asked; see the module docstring for the method).")
-    p.add_argument("-f", "--samples", required=True, type=Path, help="samples JSON (eval.py)")
+    p.add_argument("-f", "--samples", "--file", required=True, type=Path, help="samples JSON (eval.py)")
     p.add_argument("-f2", "--samples2", type=Path, help="second samples JSON: head to head, matched by sample id")
-    p.add_argument("-ck", "--candidate_key", required=True, help="candidate's key in -f (e.g. policy)")
-    p.add_argument("-bk", "--baseline_key", required=True, help="baseline's key in -f, or in -f2 when given")
-    p.add_argument("-r", "--results", required=True, type=Path, help="results JSONL, appended to and resumed")
-    p.add_argument("--judge", default=DEFAULT_JUDGE, help=f"judge model name (default {DEFAULT_JUDGE})")
+    p.add_argument("-ck", "--candidate_key", default="policy", help="candidate's key in -f (default policy)")
+    p.add_argument("-bk", "--baseline_key", default="chosen",
+                   help="baseline's key in -f, or in -f2 when given (default chosen)")
+    p.add_argument("-r", "--results", "--results_file", required=True, type=Path,
+                   help="results JSONL, appended to and resumed")
+    p.add_argument("-j", "--judge", default=DEFAULT_JUDGE, help=f"judge model name (default {DEFAULT_JUDGE})")
     p.add_argument("--base_url", default=None, help="OpenAI-compatible URL (default $OPENAI_BASE_URL or OpenAI)")
     p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--concurrency", type=positive(int), default=8, help="parallel comparisons (default 8)")
-    p.add_argument("--n", type=positive(int), default=None, help="judge only the first n samples")
+    p.add_argument("--n", "-mc", "--max_comp", type=positive(int), default=None,
+                   help="judge only the first n samples")
     p.add_argument("--max_retries", type=non_negative, default=6, help="retries per request (default 6)")
     p.add_argument("--timeout", type=positive(float), default=60.0, help="seconds per request (default 60)")
     p.add_argument("--backoff", type=positive(float), default=1.0, help="first retry wait in seconds (doubles)")
     p.add_argument("--backoff_max", type=positive(float), default=60.0, help="longest retry wait in seconds")
     p.add_argument("--temperature", type=float, default=0.0, help="judge sampling temperature (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="sent to the judge (best effort) and seeds the jitter")
+    p.add_argument("-s", "--seed", type=int, default=0, help="sent to the judge (best effort) and seeds the jitter")
+    for flags, instead in HALOS_REFUSED.items():
+        p.add_argument(*flags, nargs="?", action=Refused, help=argparse.SUPPRESS, instead=instead)
     return p
+
+
+# HALOs' compare.py flags with no equivalent here, and what to do instead (its -f, -ck, -bk, -r/--results_file,
+# -mc/--max_comp, -j/--judge and -s/--seed are accepted as they are)
+HALOS_REFUSED = {
+    ("-hk", "--history_key"): "the prompt is read from each sample's prompt_turns (else its prompt text)",
+    ("-l", "--labels"): "the responses are shown as A and B, in both orders",
+    ("-st", "--sleep_time"): "rate limits are retried with backoff (--backoff, --backoff_max); --concurrency 1 "
+                             "sends one request at a time",
+    ("-v", "--verbose"): "every answer of the judge is kept in the results file",
+    ("-csv", "--save_csv"): "the results JSONL holds one record per judgment (pandas.read_json(path, lines=True))",
+}
+
+
+class Refused(argparse.Action):
+    """A HALOs flag that means nothing here: exit 2 with one line saying what to use instead."""
+
+    def __init__(self, option_strings, dest, instead: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.instead = instead
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(EXIT_ERROR, f"compare.py: error: {option_string} (HALOs' compare.py) has no equivalent here: "
+                                f"{self.instead}\n")
 
 
 def run(args: argparse.Namespace) -> int:

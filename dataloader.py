@@ -435,8 +435,9 @@ class ConditionalSFTDataLoader(DataLoader):
         for key in ("chosen_control_token", "rejected_control_token"):
             token = self.options[key]
             if token not in vocab:
-                raise ConfigError(f"{self.name}: {key} '{token}' is not a token of the tokenizer; load it with "
-                                "models.load_tokenizer (which adds <|good|>/<|bad|>) or add it as a special token")
+                raise ConfigError(f"{self.name}: {key} '{token}' is not a token of the tokenizer; build it with "
+                                  "builders.build_tokenizer (which adds a CSFT run's control tokens) or add it as a "
+                                  "special token")
         self.good_token = self.options["chosen_control_token"]
         self.bad_token = self.options["rejected_control_token"]
 

@@ -17,7 +17,13 @@ The run's saved `config.yaml` is the configuration; every `key=value` / `++key=v
   temperature     0 = greedy; top_p: nucleus mass (no top-k), used when temperature > 0
   max_new_tokens  null: model.max_length - the prompt's length, capped at MAX_NEW_TOKENS; sampling stops at EOS
   control_token   appended to every prompt; null: the run's loader's `chosen_control_token` if it has one (CSFT)
-  alpaca_eval     also write <exp_name>.alpaca_eval.json in AlpacaEval's format (instruction, output, generator)
+  alpaca_eval     also write <exp_name>.alpaca_eval.json in AlpacaEval's format (instruction, output, generator):
+                  with ++datasets=[alpacaeval] ++n_samples=null, the `model_outputs` file `alpaca_eval evaluate`
+                  reads (AlpacaEval's 805 prompts; offline: ++data_dir=<dir with alpaca_eval/alpaca_eval.json>)
+
+HALOs' keys work too: ++saved_policy=<path> is checkpoint=<path>, ++mode=alpacaeval is mode=sample with
+datasets=[alpacaeval], alpaca_eval=true and n_samples=null, top-level human_prefix= etc. are model.human_prefix=
+...; HALOs keys with no equivalent here stop with one line naming what to use instead.
 
 `mode=sample` writes `<samples_dir>/<exp_name>.json`: {"sampled_at", "exp_name", "checkpoint", "config", "samples":
 [{"id", "prompt", "prompt_turns", "policy", "chosen", "dataset"}]}, the file compare.py reads. `chosen` is the
@@ -46,7 +52,7 @@ from transformers import GenerationConfig
 
 import dataloader
 from feedbackalign import builders, checkpoints, models
-from feedbackalign.configuration import as_dict, check_overrides, compose
+from feedbackalign.configuration import check_overrides, compose, halos_overrides
 from feedbackalign.errors import CheckpointError, ConfigError, DataError, EnvError, UserError, one_line
 from feedbackalign.feedback import last_user_turn
 from feedbackalign.fileio import write_json_atomic
@@ -230,9 +236,7 @@ def control_token(cfg) -> str:
     """`control_token`, else the run's loader's `chosen_control_token` option (CSFT conditions on <|good|>)."""
     if cfg.control_token is not None:
         return str(cfg.control_token)
-    loader_class = builders.dataloader_class(cfg, builders.trainer_class(cfg))
-    options = {**loader_class.OPTIONS, **as_dict(cfg.loss.get("data"))}
-    return options.get("chosen_control_token") or ""
+    return builders.loader_options(cfg).get("chosen_control_token") or ""
 
 
 def prompt_texts(cfg, tokenizer, examples) -> list[str]:
@@ -340,8 +344,10 @@ def sample(cfg, run_dir: Path) -> Path:
     if vllm and not (path / "config.json").is_file():
         raise ConfigError(f"backend=vllm loads a full save_pretrained model, and checkpoint={cfg.checkpoint} is a "
                         f"policy.pt or a peft adapter ({path}): use backend=hf")
-    tokenizer = models.load_tokenizer(cfg.model.tokenizer_name_or_path)
+    tokenizer = builders.build_tokenizer(cfg)
     examples = eval_examples(cfg, cfg.split, cfg.n_samples)
+    if cfg.alpaca_eval and "alpacaeval" in cfg.datasets:
+        warn_partial_alpacaeval(cfg, len(examples))
     prompts = prompt_texts(cfg, tokenizer, examples)
     ids = encode(tokenizer, prompts, cfg.model.max_prompt_length)
     budgets = token_budgets(cfg, ids)
@@ -366,6 +372,14 @@ def sample(cfg, run_dir: Path) -> Path:
              "dataset": s["dataset"]} for s in samples])
     print(f"wrote {len(samples)} samples to {out}", flush=True)
     return out
+
+
+def warn_partial_alpacaeval(cfg, n_sampled: int) -> None:
+    """`alpaca_eval evaluate` scores a model on all of AlpacaEval's prompts: say so when fewer are sampled."""
+    total = len(eval_examples(cfg, cfg.split, None))
+    if n_sampled < total:
+        print(f"eval.py: warning: n_samples={cfg.n_samples} samples {n_sampled} of the {total} prompts; a leaderboard "
+              "number from alpaca_eval needs all of AlpacaEval's: set ++n_samples=null", file=sys.stderr, flush=True)
 
 
 def evaluate(cfg, run_dir: Path) -> dict:
@@ -397,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         run_dir, name, overrides = parse_args(argv)
-        cfg = load_config(run_dir, name, overrides)
+        cfg = load_config(run_dir, name, halos_overrides(overrides, "eval.py"))
         check_settings(cfg)
         models.check_available(cfg.model)
         builders.seed_everything(cfg.seed, False)

@@ -13,16 +13,22 @@ and held-out metrics, wall time, tokens/s, the paths of metrics.jsonl, LATEST an
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import uuid
+from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from feedbackalign import builders, distributed, run_summary
-from feedbackalign.configuration import CONFIG_DIR, check_command_line
+from feedbackalign.configuration import CONFIG_DIR, check_command_line, halos_overrides
 from feedbackalign.errors import USER_ERROR_EXIT, exit_on_user_error, warnings_as_lines
+from feedbackalign.fileio import write_json_atomic
+
+WANDB_RUN_FILE = "wandb.json"  # in the run directory: the W&B run a resume continues
 
 
 def worker(rank: int, local_rank: int, world_size: int, cfg: DictConfig) -> None:
@@ -33,14 +39,31 @@ def worker(rank: int, local_rank: int, world_size: int, cfg: DictConfig) -> None
         distributed.shutdown()
 
 
+def start_wandb(cfg: DictConfig, run_dir: Path) -> None:
+    """The run's W&B run, its id kept in <run_dir>/wandb.json so that `resume=true` continues the same W&B run
+    (resume="allow"). Points are plotted against `examples` (W&B's own step only ever grows), so the steps a
+    resumed run logs again after its checkpoint sit beside the first attempt's instead of being dropped."""
+    import wandb
+
+    record = run_dir / WANDB_RUN_FILE
+    run_id = json.loads(record.read_text())["id"] if record.is_file() else uuid.uuid4().hex[:12]
+    write_json_atomic(record, {"id": run_id, "entity": cfg.wandb.entity, "project": cfg.wandb.project})
+    wandb.init(entity=cfg.wandb.entity, project=cfg.wandb.project, name=cfg.exp_name, id=run_id, resume="allow",
+               config=OmegaConf.to_container(cfg, resolve=True), dir=str(run_dir))
+    wandb.define_metric("examples")
+    wandb.define_metric("*", step_metric="examples")
+
+
 def run(cfg: DictConfig, rank: int, world_size: int, device: torch.device) -> None:
     trainer = builders.build_trainer(cfg, rank, world_size, device)
-    if cfg.wandb.enabled and rank == 0:
+    tracking = cfg.wandb.enabled and rank == 0
+    if tracking:
+        start_wandb(cfg, trainer.run_dir)
+    summary = trainer.train()
+    if tracking:
         import wandb
 
-        wandb.init(entity=cfg.wandb.entity, project=cfg.wandb.project, name=cfg.exp_name,
-                   config=OmegaConf.to_container(cfg, resolve=True), dir=str(trainer.run_dir))
-    summary = trainer.train()
+        wandb.finish()
     if rank == 0:
         print(run_summary.render(summary), flush=True)
 
@@ -80,5 +103,6 @@ if __name__ == "__main__":
     first = launched is None or launched[0] == 0   # torchrun: only rank 0 prints
     warnings_as_lines("train.py", show=first)
     with exit_on_user_error("train.py", show=first):
-        check_command_line(sys.argv[1:])
+        sys.argv[1:] = halos_overrides(sys.argv[1:], "train.py")   # HALOs' keys (mode=train, ...) translated
+        check_command_line(sys.argv[1:])                            # then every name and key checked
     main()

@@ -22,13 +22,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import losses
-from feedbackalign import checkpoints, distributed, run_summary, throughput
+from dataloader import PromptFormat
+from feedbackalign import chat_templates, checkpoints, distributed, run_summary, throughput
 from feedbackalign.throughput import TIMING_METRICS  # noqa: F401 (the metrics that depend on the wall clock)
 from feedbackalign.batches import Batch
 from feedbackalign.errors import TrainingError
 from feedbackalign.fileio import write_json_atomic
 from feedbackalign.logprobs import TokenLogps, sequence_logps
 from feedbackalign.models import is_lora
+from feedbackalign.progress import progress
 
 Logps = dict[str, TokenLogps]  # batch part name -> its rows' log-probs
 
@@ -242,7 +244,9 @@ class BasicTrainer:
         self.policy.eval()
         per_example: dict[str, list[torch.Tensor]] = {}
         self.eval_loader.load_state_dict(self.eval_start)
-        for batch in self.eval_loader:
+        batches = progress(self.eval_loader, desc="eval", total=len(self.eval_loader), unit="batch", rank=self.rank,
+                           leave=False)
+        for batch in batches:
             context = self.step_context([batch])
             policy, reference = self.forward(batch)
             loss, metrics = self.loss(batch, policy, reference, context)
@@ -262,7 +266,7 @@ class BasicTrainer:
         if self.config.wandb.enabled:
             import wandb
 
-            wandb.log(metrics, step=self.examples_seen)
+            wandb.log({**metrics, "examples": self.examples_seen})  # the x axis (train.start_wandb)
 
     def train(self) -> dict:
         """Run until the loader is exhausted: eval every `eval_every` examples and after the last step, checkpoint,
@@ -329,9 +333,11 @@ class BasicTrainer:
 
     def save(self, intermediate: bool = False) -> None:
         cfg = self.config
+        template = chat_templates.export_template(self.tokenizer, PromptFormat.from_config(cfg.model))
         checkpoints.save(self.run_dir, self.train_state(), tokenizer=self.tokenizer, rank=self.rank,
                          world_size=self.world_size, keep=cfg.keep_checkpoints,
-                         export=cfg.export_hf and not intermediate, merge_lora=cfg.model.lora.merge_on_export)
+                         export=cfg.export_hf and not intermediate, merge_lora=cfg.model.lora.merge_on_export,
+                         chat_template=template)
 
     def resume_from(self, run_dir) -> None:
         """Policy, heads, optimizer, scheduler, RNG, step and data position from run_dir/LATEST; metrics logged

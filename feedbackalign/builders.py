@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import dataloader
 import trainers
-from feedbackalign import checkpoints, distributed, getters, models, ref_cache
+from feedbackalign import chat_templates, checkpoints, distributed, getters, models, ref_cache
 from feedbackalign.configuration import as_dict
 from feedbackalign.errors import ConfigError, EnvError, SettingWarning
 
@@ -75,8 +75,24 @@ def dataset_options(options: dict, name: str) -> dict:
     return options.get(spec[0], {})
 
 
+def loader_options(cfg: DictConfig) -> dict:
+    """The run's DataLoader options: the class defaults updated by `loss.data`."""
+    loader = dataloader_class(cfg, trainer_class(cfg))
+    return {**loader.OPTIONS, **as_dict(cfg.loss.get("data"))}
+
+
+def control_tokens(cfg: DictConfig) -> list[str]:
+    """The tokens the run's DataLoader conditions prompts on (`*_control_token` options: CSFT's <|good|>/<|bad|>);
+    none for every other loss."""
+    return [str(v) for k, v in loader_options(cfg).items() if k.endswith("_control_token") and v]
+
+
 def build_tokenizer(cfg: DictConfig):
-    return models.load_tokenizer(cfg.model.tokenizer_name_or_path)
+    """The run's tokenizer: its control tokens added (CSFT only), the chat template `model.chat_template`
+    selects (chat_templates.py)."""
+    tokenizer = models.load_tokenizer(cfg.model.tokenizer_name_or_path, special_tokens=control_tokens(cfg))
+    chat_templates.select(tokenizer, cfg.model.get("chat_template", "tokenizer"))
+    return tokenizer
 
 
 def build_loader(cfg: DictConfig, tokenizer, *, split: str, train: bool, rank: int = 0, world_size: int = 1,
@@ -262,6 +278,9 @@ def build_trainer(cfg: DictConfig, rank: int = 0, world_size: int = 1,
         warn_if_random_start(cfg, trainer_cls)
     seed_everything(cfg.seed, cfg.deterministic)
     tokenizer = build_tokenizer(cfg)
+    if rank == 0:
+        print(f"prompts: {chat_templates.describe(tokenizer, cfg.model.get('chat_template', 'tokenizer'))}",
+              flush=True)
     train_loader = build_loader(cfg, tokenizer, split="train", train=True, rank=rank, world_size=world_size)
     eval_loader = build_loader(cfg, tokenizer, split="test", train=False, rank=rank, world_size=world_size) \
         if cfg.n_eval_examples else None
@@ -294,6 +313,8 @@ def build_trainer(cfg: DictConfig, rank: int = 0, world_size: int = 1,
         if resume_from is None and run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if "chat_template" in cfg.model:  # a template path made absolute: eval.py runs from anywhere
+            cfg.model.chat_template = chat_templates.resolved(cfg.model.chat_template)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     trainer = trainer_cls(cfg, tokenizer, policy, reference, train_loader, eval_loader, run_dir, rank=rank,
                           world_size=world_size, reference_cache=reference_cache, heads=heads)

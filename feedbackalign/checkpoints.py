@@ -140,19 +140,21 @@ def by_module(full: dict) -> dict[str, dict]:
     return out
 
 
-def export_hf(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: bool = True) -> None:
-    """save_pretrained export loadable with plain AutoModelForCausalLM (LoRA merged), or the peft adapter; without
-    transformers' "Writing model shards" bar (the run's summary names the export)."""
+def export_hf(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: bool = True,
+              chat_template=None) -> None:
+    """save_pretrained export loadable with plain AutoModelForCausalLM (LoRA merged), or the peft adapter; the
+    tokenizer is saved carrying `chat_template` (the template the run used: chat_templates.export_template).
+    Without transformers' "Writing model shards" bar: the run's summary names the export."""
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        save_export(model, tokenizer, plain, state, out_dir, merge)
+        save_export(model, tokenizer, plain, state, out_dir, merge, chat_template)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
 
 
-def save_export(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: bool) -> None:
+def save_export(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: bool, chat_template) -> None:
     if is_lora(model):
         if merge:
             model.get_base_model().save_pretrained(out_dir, state_dict=plain, safe_serialization=True)
@@ -160,7 +162,11 @@ def save_export(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge
             model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
     else:
         model.save_pretrained(out_dir, state_dict=plain, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    used, tokenizer.chat_template = tokenizer.chat_template, chat_template or tokenizer.chat_template
+    try:
+        tokenizer.save_pretrained(out_dir)
+    finally:
+        tokenizer.chat_template = used
 
 
 # ---------------------------------------------------------------- save
@@ -176,9 +182,10 @@ def _free_name(root: Path, step: int) -> Path:
 
 
 def save(run_dir, state: TrainState, *, tokenizer, rank: int = 0, world_size: int = 1, keep: int = 2,
-         export: bool = False, merge_lora: bool = True) -> Path | None:
+         export: bool = False, merge_lora: bool = True, chat_template=None) -> Path | None:
     """Write a checkpoint of `state` atomically (every rank gathers, rank 0 writes); returns its directory on
-    rank 0. `export` adds the save_pretrained export hf/ (LoRA merged unless `merge_lora` is false)."""
+    rank 0. `export` adds the save_pretrained export hf/ (LoRA merged unless `merge_lora` is false), its
+    tokenizer carrying `chat_template`."""
     full = get_model_state_dict(state.modules, options=FULL)
     optim = get_optimizer_state_dict(state.modules, state.optimizer, options=FULL)
     rng = [None] * world_size
@@ -189,13 +196,13 @@ def save(run_dir, state: TrainState, *, tokenizer, rank: int = 0, world_size: in
     final_dir = None
     if rank == 0:
         final_dir = _write(Path(run_dir), state, full, optim, rng, tokenizer=tokenizer, keep=keep, export=export,
-                           merge_lora=merge_lora)
+                           merge_lora=merge_lora, chat_template=chat_template)
     _barrier(world_size)
     return final_dir
 
 
 def _write(run_dir: Path, state: TrainState, full: dict, optim: dict, rng: list, *, tokenizer, keep: int,
-           export: bool, merge_lora: bool) -> Path:
+           export: bool, merge_lora: bool, chat_template=None) -> Path:
     step = int(state.progress["step"])
     root = run_dir / "checkpoints"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
@@ -211,7 +218,8 @@ def _write(run_dir: Path, state: TrainState, full: dict, optim: dict, rng: list,
     torch.save(resume, tmp / "resume.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**state.progress, "rng": rng}))
     if export:
-        export_hf(state.policy, tokenizer, plain, policy_state, tmp / "hf", merge=merge_lora and not quantized)
+        export_hf(state.policy, tokenizer, plain, policy_state, tmp / "hf", merge=merge_lora and not quantized,
+                  chat_template=chat_template)
     _fsync_tree(tmp)
     final_dir = _free_name(root, step)
     os.rename(tmp, final_dir)

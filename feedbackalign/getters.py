@@ -2,7 +2,8 @@
 
 `get_<name>(split, data_dir=None, **options)` reads the Hugging Face hub copy (`datasets.load_dataset`) or, with
 `data_dir`, the same upstream files under `<data_dir>/<DATA_FOLDERS[name]>/`; both feed one record parser.
-`get_dataset(name, split, ...)` dispatches by name; `jsonl:<path>` / `json:<path>` read the user's own file.
+`get_dataset(name, split, ...)` dispatches by name; `jsonl:<path>` / `json:<path>` read the user's own file and
+`hf:<repo>[:<config>]` a hub dataset, both in this project's generic schema or TRL's dataset shapes.
 Known upstream oddities are skipped with one `SkippedRecordsWarning` per rule; malformed data raises one
 `DataError` naming the file, the record and the field. Mappings and layouts: docs/data_formats.md.
 """
@@ -20,14 +21,14 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from feedbackalign.feedback import Dataset, Example, in_test_split, merge_by_prompt
 from feedbackalign.errors import DataError
-from feedbackalign.records import (Record, Skips, get_field, hub_records, nonempty_text, number_field, read_file,
-                                   short_repr, text_field, turns_field)
+from feedbackalign.records import (Record, Skips, get_field, hub_dataset, hub_records, nonempty_text, number_field,
+                                   read_file, row_records, short_repr, text_field, turns_field)
 from feedbackalign.task import get_wordsort
 
 DATA_FOLDERS = {  # name -> folder under data_dir
     "hh": "hh_rlhf", "hh_helpful": "hh_rlhf", "hh_harmless": "hh_rlhf", "shp": "shp", "oasst": "oasst",
     "ultrafeedback": "ultrafeedback", "ultrabin": "ultrafeedback_binarized", "cut": "cut_judgments",
-    "shepherd": "shepherd",
+    "shepherd": "shepherd", "alpacaeval": "alpaca_eval",
 }
 HUB_IDS = {
     "hh": "Anthropic/hh-rlhf", "shp": "stanfordnlp/SHP", "oasst": "OpenAssistant/oasst1",
@@ -512,34 +513,97 @@ def get_shepherd(split: str, data_dir=None, test_fraction: float = TEST_FRACTION
                             test_fraction)
 
 
-# ---------------------------------------------------------------- the user's own file (generic schema)
+# ---------------------------------------------------------------- AlpacaEval's prompts (evaluation only)
+
+ALPACAEVAL_FILE = "hf://datasets/tatsu-lab/alpaca_eval/alpaca_eval.json"  # the hub repository's data file
+
+
+def alpacaeval_example(rec: Record, skips: Skips) -> Optional[Example]:
+    """{instruction, output, generator, dataset} -> prompt = [user: instruction], the reference output as the one
+    generation and SFT target (eval.py's `chosen`), as HALOs' alpacaeval mode."""
+    instruction, output = text_field(rec, rec.data, "instruction"), text_field(rec, rec.data, "output")
+    if not instruction.strip():
+        return skips("record(s) with an empty instruction", rec.where)
+    return Example(prompt=_user(instruction), generations=[output], sft_index=0, dataset_name="alpacaeval",
+                   source=rec.source)
+
+
+def get_alpacaeval(split: str, data_dir=None) -> Dataset:
+    """AlpacaEval's 805 evaluation prompts (Li et al. 2023, tatsu-lab/alpaca_eval `alpaca_eval.json`) with their
+    reference outputs, for eval.py: every split is the whole set. The instruction is kept verbatim, since
+    `alpaca_eval evaluate` matches model outputs to its prompts by the instruction's text."""
+    _check_split("alpacaeval", split, ("train", "test", "eval"))
+    if data_dir is None:
+        rows = hub_dataset("json", label=ALPACAEVAL_FILE, data_files=ALPACAEVAL_FILE, split="train")
+        records = row_records(rows, ALPACAEVAL_FILE)
+    else:
+        records = _records(_files(_folder("alpacaeval", data_dir), ["alpaca_eval.json"]))
+    skips = Skips("alpacaeval")
+    return _finish("alpacaeval", (alpacaeval_example(rec, skips) for rec in records), skips)
+
+
+# ---------------------------------------------------------------- the user's own file (generic schema, TRL's shapes)
 
 _SINGULAR = {"scores": "score", "desirable": "label", "judgments": "judgment"}  # per-response key -> K=1 key
+_RESPONSE_FORMS = ("responses", "chosen", "response", "completion")
+_FORMS_HINT = ("give exactly one of 'responses' (a list), 'chosen' + 'rejected', 'response', 'completion' (each a "
+               "string or a list of messages), or 'messages' (docs/data_formats.md)")
 
 
-def _generic_prompt(rec: Record) -> list[dict]:
-    if isinstance(rec.data.get("prompt"), list):
-        turns = turns_field(rec, rec.data, "prompt")
+def _given(d: dict, key: str) -> bool:
+    """A key with a value (hub rows hold None for a column another row of the file has)."""
+    return d.get(key) is not None
+
+
+def _generic_prompt(rec: Record, key: str = "prompt") -> list[dict]:
+    if isinstance(rec.data.get(key), list):
+        turns = turns_field(rec, rec.data, key)
         for i, turn in enumerate(turns):
-            nonempty_text(rec, f"prompt[{i}].content", turn["content"])
+            nonempty_text(rec, f"{key}[{i}].content", turn["content"])
         return turns
-    prompt = get_field(rec, rec.data, "prompt", str, "a string or a list of {role, content} turns")
-    return _user(nonempty_text(rec, "prompt", prompt))
+    prompt = get_field(rec, rec.data, key, str, "a string or a list of {role, content} turns")
+    return _user(nonempty_text(rec, key, prompt))
 
 
-def _generic_responses(rec: Record) -> tuple[list[str], list[tuple[int, int]], Optional[int]]:
-    """The responses, plus the pairs and sft_index implied by the chosen/rejected shorthand."""
+def _response_text(rec: Record, key: str) -> tuple[str, list[dict]]:
+    """(response, the turns before it): a string (TRL's standard format), or a message list whose last message
+    is the assistant's response (TRL's conversational format; turns before it are an implicit prompt)."""
+    value = rec.data.get(key)
+    if isinstance(value, list):
+        turns = _generic_prompt(rec, key)
+        last = len(turns) - 1
+        if turns[last]["role"] != "assistant":
+            raise rec.fail(f"{key}[{last}].role", f"is '{turns[last]['role']}': the last message is the response, "
+                                                 "so it must be 'assistant'")
+        return turns[last]["content"], turns[:last]
+    return nonempty_text(rec, key, get_field(rec, rec.data, key, str, "a string or a list of messages")), []
+
+
+def _generic_responses(rec: Record) -> tuple[list[str], list[tuple[int, int]], Optional[int], list[dict]]:
+    """The responses, the pairs and sft_index implied by chosen/rejected, and the turns the responses' message
+    lists start with (TRL's implicit prompt; [] when none)."""
     d = rec.data
-    forms = [k for k in ("responses", "chosen", "response") if k in d]
+    forms = [k for k in _RESPONSE_FORMS if _given(d, k)]
+    if not forms and _given(d, "messages"):
+        text, before = _response_text(rec, "messages")
+        if not before:
+            raise rec.fail("messages", "holds only the response: put the prompt's turns before it")
+        return [text], [], None, before
     if len(forms) != 1:
         problem = "is missing" if not forms else f"clashes with '{forms[1]}'"
-        raise rec.fail("responses", f"{problem}: give exactly one of 'responses' (a list), 'chosen' + 'rejected', "
-                                    f"or 'response'")
+        raise rec.fail("responses", f"{problem}: {_FORMS_HINT}")
     if forms[0] == "chosen":
-        texts = [nonempty_text(rec, k, text_field(rec, d, k)) for k in ("chosen", "rejected")]
-        return texts, [(0, 1)], 0
-    if forms[0] == "response":
-        return [nonempty_text(rec, "response", text_field(rec, d, "response"))], [], None
+        (chosen, before), (rejected, other) = _response_text(rec, "chosen"), _response_text(rec, "rejected")
+        if before != other:
+            raise rec.fail("rejected", "starts with other turns than 'chosen': the two conversations must share "
+                                       "every turn before the final response")
+        return [chosen, rejected], [(0, 1)], 0, before
+    if forms[0] in ("response", "completion"):
+        text, before = _response_text(rec, forms[0])
+        if before and forms[0] == "completion":
+            raise rec.fail("completion", f"holds {len(before) + 1} messages: give the one assistant message that is "
+                                         "the response")
+        return [text], [], None, before
     items = get_field(rec, d, "responses", list, "a list of response strings")
     if not items:
         raise rec.fail("responses", "is an empty list: give at least one response")
@@ -547,7 +611,20 @@ def _generic_responses(rec: Record) -> tuple[list[str], list[tuple[int, int]], O
         if not isinstance(item, str):
             raise rec.fail(f"responses[{i}]", f"should be a string, got {type(item).__name__}")
         nonempty_text(rec, f"responses[{i}]", item)
-    return list(items), [], None
+    return list(items), [], None, []
+
+
+def _record_prompt(rec: Record, implicit: list[dict]) -> list[dict]:
+    """`prompt`, or the turns the responses' conversations share (TRL's implicit prompt). An explicit list of
+    turns must then be those turns; a string `prompt` beside full conversations is left aside, as TRL does."""
+    if not implicit:
+        if not _given(rec.data, "prompt"):
+            raise rec.fail("prompt", "is missing: add the prompt (a string or a list of turns); text responses "
+                                     "holding their prompt (TRL's implicit prompt) are split only as message lists")
+        return _generic_prompt(rec)
+    if isinstance(rec.data.get("prompt"), list) and _generic_prompt(rec) != implicit:
+        raise rec.fail("prompt", "differs from the turns before the responses: drop one of them")
+    return implicit
 
 
 def _per_response(rec: Record, key: str, k: int) -> Optional[list]:
@@ -574,8 +651,8 @@ def _flag(rec: Record, obj: dict, key: str, path: str) -> Optional[bool]:
 
 def generic_example(rec: Record, name: str) -> Example:
     """One record of the generic schema (docs/data_formats.md) -> Example; every problem is a DataError."""
-    prompt = _generic_prompt(rec)
-    responses, pairs, sft_index = _generic_responses(rec)
+    responses, pairs, sft_index, implicit = _generic_responses(rec)
+    prompt = _record_prompt(rec, implicit)
     k = len(responses)
     feedback = {key: _per_response(rec, key, k) for key in _SINGULAR}
     raw_pairs = get_field(rec, rec.data, "pairs", list, "a list of [i, j] index pairs", optional=True)
@@ -626,12 +703,43 @@ def get_jsonl(split: str, data_dir=None, path: Optional[str] = None, test_fracti
     return merge_by_prompt(name, list(examples) if per_split else _hash_split(examples, split, test_fraction))
 
 
+# ---------------------------------------------------------------- any hub dataset in these shapes (`hf:<repo>[:<config>]`)
+
+HUB_SPLITS = {"train": ("train", "train_prefs", "train_sft"),  # the first a repository has is used
+              "test": ("test", "test_prefs", "validation", "valid", "test_sft")}
+
+
+def get_hf(split: str, data_dir=None, repo: Optional[str] = None, config: Optional[str] = None,
+           test_fraction: float = TEST_FRACTION, name: Optional[str] = None) -> Dataset:
+    """A hub dataset (`repo`, optionally its `config`) whose rows are in the generic schema or one of TRL's
+    shapes. `train` / `test` are the repository's split of that name or a usual alias (HUB_SPLITS); without a
+    test split, `test` is the hash slice of `train`. With data_dir, a local copy at <data_dir>/<repo> is read
+    when it exists (the same files, the same split rules)."""
+    _check_split("hf", split, ("train", "test"))
+    if not repo:
+        raise DataError("hf: no repository given: use hf:<repo> or hf:<repo>:<config>, e.g. "
+                        "hf:trl-lib/ultrafeedback_binarized")
+    name = name or f"hf:{repo}" + (f":{config}" if config else "")
+    local = Path(data_dir) / repo if data_dir is not None else None
+    source = str(local) if local is not None and local.is_dir() else repo
+    splits = hub_dataset(source, **({"name": config} if config else {}))
+    present = {key: next((s for s in HUB_SPLITS[key] if s in splits), None) for key in HUB_SPLITS}
+    if present["train"] is None:
+        raise DataError(f"{name}: no train split among {', '.join(splits)} (looked for "
+                        f"{', '.join(HUB_SPLITS['train'])})")
+    chosen = present[split] or present["train"]
+    records = row_records(splits[chosen], f"{repo}[{chosen}]")
+    examples = (generic_example(rec, name) for rec in records)
+    return merge_by_prompt(name, list(examples) if present["test"] else _hash_split(examples, split, test_fraction))
+
+
 # ---------------------------------------------------------------- registry and dispatch
 
 GETTERS: dict[str, Callable[..., Dataset]] = {
     "hh": get_hh, "hh_helpful": get_hh_helpful, "hh_harmless": get_hh_harmless, "shp": get_shp,
     "oasst": get_oasst, "ultrafeedback": get_ultrafeedback, "ultrabin": get_ultrabin, "cut": get_cut,
-    "shepherd": get_shepherd, "jsonl": get_jsonl, "json": get_jsonl,  # the reader tells JSON array from lines
+    "shepherd": get_shepherd, "alpacaeval": get_alpacaeval,
+    "jsonl": get_jsonl, "json": get_jsonl,  # the reader tells JSON array from lines
     "wordsort": get_wordsort,  # the built-in controlled task (task.py)
 }
 
@@ -660,13 +768,18 @@ def _check_options(name: str, fn: Callable, options: dict, reserved: tuple = ())
 
 
 def get_dataset(name: str, split: str, data_dir=None, **options) -> Dataset:
-    """Dispatch by name to get_<name>; 'jsonl:<path>' / 'json:<path>' (or a .jsonl/.json path) read a user file."""
+    """Dispatch by name to get_<name>; 'jsonl:<path>' / 'json:<path>' (or a .jsonl/.json path) read a user file;
+    'hf:<repo>[:<config>]' a hub dataset in the same shapes."""
+    if name.startswith("hf:"):
+        repo, _, config = name[3:].partition(":")
+        _check_options(name, get_hf, options, reserved=("repo", "config", "name"))
+        return get_hf(split, data_dir, repo=repo, config=config or None, name=name, **options)
     spec = file_spec(name)
     if spec is not None:
         _check_options(name, get_jsonl, options, reserved=("path", "name"))
         return get_jsonl(split, data_dir, path=spec[1], name=name, **options)
     if name not in GETTERS:
         raise DataError(f"unknown dataset '{name}': valid names are {', '.join(sorted(GETTERS))}, "
-                        f"or jsonl:<path> / json:<path> for your own file")
+                        f"jsonl:<path> / json:<path> for your own file, or hf:<repo>[:<config>] for a hub dataset")
     _check_options(name, GETTERS[name], options)
     return GETTERS[name](split, data_dir, **options)

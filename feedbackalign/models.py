@@ -29,7 +29,7 @@ RANDOM_NAME = "random"    # model.name_or_path=random: model.architecture with s
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_DIR = ASSETS / "tiny"
 ARCHITECTURES_DIR = ASSETS / "architectures"
-CONTROL_TOKENS = ["<|good|>", "<|bad|>"]
+CONTROL_TOKENS = ["<|good|>", "<|bad|>"]  # CSFT's defaults (Korbak et al. 2023, as in HALOs)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -39,12 +39,14 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_tokenizer(name_or_path: str):
-    """The tokenizer, with a pad token and the CSFT control tokens guaranteed to exist."""
-    if name_or_path == TINY_NAME:
+def load_tokenizer(name_or_path: str, special_tokens=()):
+    """The tokenizer with a pad token (EOS where it has none), plus `special_tokens` where missing: only a run
+    whose DataLoader conditions on control tokens (CSFT) asks for any, so every other run keeps the base model's
+    vocabulary (its embedding, export and reference fingerprint stay the base model's)."""
+    if name_or_path == TINY_NAME:  # the committed vocabulary already holds the chat markers and control tokens
         tok = PreTrainedTokenizerFast(
             tokenizer_file=str(TINY_DIR / "tokenizer.json"), eos_token="<|endoftext|>", pad_token="<|pad|>",
-            additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>", *CONTROL_TOKENS],
+            additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
         )
     else:
         try:
@@ -54,9 +56,9 @@ def load_tokenizer(name_or_path: str):
                             "(offline? set model.tokenizer_name_or_path to a local directory)") from None
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        missing = [t for t in CONTROL_TOKENS if t not in tok.get_vocab()]
-        if missing:
-            tok.add_special_tokens({"additional_special_tokens": missing})
+    missing = [t for t in special_tokens if t not in tok.get_vocab()]
+    if missing:
+        tok.add_tokens(missing, special_tokens=True)
     return tok
 
 

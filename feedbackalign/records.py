@@ -186,16 +186,28 @@ def _parquet_records(path: Path) -> Iterator[Record]:
         yield Record(row, str(path), number, "row")
 
 
-def hub_records(hub_id: str, split: str, **kwargs) -> Iterator[Record]:
-    """Rows of a hub dataset via `datasets.load_dataset`, as Records for the same parsers as local files."""
+def hub_dataset(hub_id: str, label: str | None = None, **kwargs):
+    """`datasets.load_dataset(hub_id, **kwargs)` (a hub id or a local copy of a hub repository); any failure,
+    offline included, is one DataError naming `label` (default: the hub id)."""
     try:
         import datasets
 
-        rows = datasets.load_dataset(hub_id, split=split, **kwargs)
-    except Exception as e:  # offline, unknown id or split, network: all end in one clear line
+        return datasets.load_dataset(hub_id, **kwargs)
+    except Exception as e:  # offline, unknown id, config or split, network: all end in one clear line
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DataError(f"could not load {hub_id} (split {split}) from the Hugging Face hub: {reason}. Offline? "
-                        f"Download the upstream files and pass data_dir (layout: docs/data_formats.md)") from None
-    origin = f"{hub_id}[{split}]"
+        details = ", ".join(f"{label} {kwargs[key]}" for key, label in (("name", "config"), ("split", "split"))
+                            if kwargs.get(key))
+        what = f"{label or hub_id} ({details})" if details else label or hub_id
+        raise DataError(f"could not load {what} from the Hugging Face hub: {reason}. Offline? Download the "
+                        f"upstream files and pass data_dir (layout: docs/data_formats.md)") from None
+
+
+def row_records(rows, origin: str) -> Iterator[Record]:
+    """Hub rows as Records (numbered from 1) for the same parsers as local files."""
     for number, row in enumerate(rows, 1):
         yield Record(row, origin, number, "row")
+
+
+def hub_records(hub_id: str, split: str, **kwargs) -> Iterator[Record]:
+    """Rows of a hub dataset's split via `datasets.load_dataset`, as Records."""
+    return row_records(hub_dataset(hub_id, split=split, **kwargs), f"{hub_id}[{split}]")
