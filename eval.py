@@ -53,7 +53,8 @@ from transformers import GenerationConfig
 import dataloader
 from feedbackalign import builders, checkpoints, models
 from feedbackalign.configuration import check_overrides, compose, halos_overrides
-from feedbackalign.errors import CheckpointError, ConfigError, DataError, EnvError, UserError, one_line
+from feedbackalign.errors import (CheckpointError, ConfigError, DataError, EnvError, UserError, one_line,
+                                  warnings_as_lines)
 from feedbackalign.feedback import last_user_turn
 from feedbackalign.fileio import write_json_atomic
 
@@ -426,4 +427,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    warnings_as_lines("eval.py")
     sys.exit(main())

@@ -5,6 +5,9 @@
 - wall time: the whole `train()` call of this process (evaluations and checkpoints included); tokens/s: every
   sequence token the steps forwarded (throughput.Meter's count) over the seconds spent in steps;
 - paths: metrics.jsonl, LATEST (policy.pt, loadable with model.load_from) and the save_pretrained export.
+
+On several processes the step metrics are already reduced over ranks (every rank holds the same values, tokens/s
+summed over ranks), so each rank can build the summary; rank 0 prints it and writes summary.json.
 """
 
 from __future__ import annotations
