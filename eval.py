@@ -176,7 +176,7 @@ def load_policy(cfg, tokenizer, path: Path, device, merge_lora: bool):
     adapters back). `merge_lora` folds adapters in (sampling; never mode=eval: its LoRA reference is the policy
     with adapters disabled)."""
     if (path / "config.json").is_file():
-        policy = models.build_model(str(path), builders.model_dtype(cfg.model.policy_dtype, device),
+        policy = models.build_model(str(path), models.torch_dtype(cfg.model.policy_dtype),
                                     attn_implementation=cfg.model.attn_implementation).to(device)
     elif path.is_dir():
         from peft import PeftModel
@@ -199,7 +199,7 @@ def load_policy(cfg, tokenizer, path: Path, device, merge_lora: bool):
                                   f"unexpected {unexpected[:3]}")
     if merge_lora and models.is_lora(policy):
         policy = policy.merge_and_unload()
-    return policy.eval()
+    return models.compute_in(policy.eval(), models.compute_dtype(cfg.model))
 
 
 def read_weights(path: Path) -> dict:
@@ -320,7 +320,7 @@ def generate_vllm(model_dir: Path, tokenizer, prompt_ids: list[list[int]], budge
     if missing:
         raise EnvError(f"backend=vllm needs {' and '.join(missing)}: use backend=hf")
     greedy, stops = cfg.temperature == 0, stop_ids(tokenizer)
-    llm = LLM(model=str(model_dir), seed=cfg.seed, dtype=cfg.model.policy_dtype)
+    llm = LLM(model=str(model_dir), seed=cfg.seed, dtype=str(models.compute_dtype(cfg.model)).removeprefix("torch."))
     params = [SamplingParams(temperature=float(cfg.temperature), top_p=1.0 if greedy else float(cfg.top_p),
                              max_tokens=b, stop_token_ids=stops, seed=cfg.seed + k) for k, b in enumerate(budgets)]
     results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=True)
@@ -392,6 +392,8 @@ def evaluate(cfg, run_dir: Path) -> dict:
     loader = builders.build_loader(cfg, tokenizer, split=cfg.split, train=False)
     policy = load_policy(cfg, tokenizer, path, device, merge_lora=False)
     reference = builders.build_reference(cfg, tokenizer, device, policy=policy, policy_is_initial=False)
+    if reference is not None:
+        models.compute_in(reference, models.compute_dtype(cfg.model))
     heads = trainer_class.make_heads(policy)
     checkpoints.load_heads(path.parent, heads)
     trainer = trainer_class(cfg, tokenizer, policy, reference, loader, loader, run_dir, heads=heads)

@@ -29,7 +29,7 @@ from feedbackalign.batches import Batch
 from feedbackalign.errors import TrainingError
 from feedbackalign.fileio import write_json_atomic
 from feedbackalign.logprobs import TokenLogps, sequence_logps
-from feedbackalign.models import is_lora
+from feedbackalign.models import compute_dtype, is_lora
 from feedbackalign.progress import progress
 
 Logps = dict[str, TokenLogps]  # batch part name -> its rows' log-probs
@@ -63,7 +63,7 @@ class BasicTrainer:
         self.reference_cache = reference_cache
         self.heads = torch.nn.ModuleDict(heads or {})
         self.device = next(policy.parameters()).device
-        self.peak_flops = throughput.peak_flops(config.peak_flops, self.device, next(policy.parameters()).dtype)
+        self.peak_flops = throughput.peak_flops(config.peak_flops, self.device, compute_dtype(config.model))
         self.meter = throughput.Meter(policy.config)
         self.layout = config.model.forward_layout
         # every trained module under one root, so checkpoints gather policy + heads with one state dict call
@@ -334,10 +334,13 @@ class BasicTrainer:
         return checkpoints.TrainState(self.trained_modules, self.optimizer, self.scheduler, progress)
 
     def save(self, intermediate: bool = False) -> None:
+        """Sharded state every time; policy.pt (gathered) in the final checkpoint, or in every one with
+        consolidate_checkpoints=all; the hf/ export with the final one (export_hf)."""
         cfg = self.config
         template = chat_templates.export_template(self.tokenizer, PromptFormat.from_config(cfg.model))
         checkpoints.save(self.run_dir, self.train_state(), tokenizer=self.tokenizer, rank=self.rank,
                          world_size=self.world_size, keep=cfg.keep_checkpoints,
+                         consolidate=not intermediate or cfg.consolidate_checkpoints == "all",
                          export=cfg.export_hf and not intermediate, merge_lora=cfg.model.lora.merge_on_export,
                          chat_template=template)
 

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -116,33 +117,79 @@ def build_loader(cfg: DictConfig, tokenizer, *, split: str, train: bool, rank: i
 # ---------------------------------------------------------------- models
 
 
-def model_dtype(name: str, device: torch.device) -> torch.dtype:
-    dtype = models.torch_dtype(name)
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        warnings.warn(f"{name} on CPU is slow or unsupported here; using float32 (set model.policy_dtype=float32)")
-        return torch.float32
-    return dtype
+@dataclass(frozen=True)
+class Precision:
+    """The dtype each part of a run is stored and computed in (README, "Precision on GPUs").
+
+    trained: `model.policy_dtype`, the trained weights (every policy weight, or a LoRA run's adapters) and with
+             them their gradients and AdamW moments. float32 for every model: these are the master weights. An
+             AdamW step moves a weight by about lr (5e-7 for real models), far below bf16's resolution (2^-8 of
+             the weight), so bf16 storage rounds almost every update away.
+    compute: `model.compute_dtype`, the forward and backward matmuls: FSDP2 all-gathers the fp32 shards as bf16
+             and computes in bf16 (MixedPrecisionPolicy, gradients reduced in fp32); unsharded, autocast.
+    frozen:  `model.reference_dtype`, weights that never change (the reference, a LoRA run's base): stored in
+             the compute dtype, nothing is lost and memory halves."""
+
+    trained: torch.dtype
+    compute: torch.dtype
+    frozen: torch.dtype
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def precision(cfg: DictConfig) -> Precision:
+    """The run's dtypes, checked: compute in bfloat16 or float32, never in a higher precision than a weight's
+    storage upcasts for free (the same config must compute alike sharded or not)."""
+    m = cfg.model
+    p = Precision(models.torch_dtype(m.policy_dtype), models.compute_dtype(m), models.torch_dtype(m.reference_dtype))
+    if p.compute not in (torch.float32, torch.bfloat16):
+        raise ConfigError(f"model.compute_dtype={m.get('compute_dtype')} is not supported: use bfloat16 (or float32); "
+                          "float16 compute would need loss scaling, which this trainer does not do")
+    if p.compute == torch.float32:
+        for key in ("policy_dtype", "reference_dtype"):
+            if models.torch_dtype(m[key]) in LOW_PRECISION:
+                raise ConfigError(f"model.{key}={m[key]} stores weights in lower precision than model.compute_dtype="
+                                  f"float32: set model.compute_dtype=bfloat16, or model.{key}=float32")
+    return p
+
+
+def warn_on_low_precision_weights(cfg: DictConfig) -> None:
+    """Pure bf16 (or fp16) training is allowed, loudly: it silently learns little at real-model learning rates."""
+    m = cfg.model
+    if models.torch_dtype(m.policy_dtype) in LOW_PRECISION:
+        warnings.warn(
+            f"model.policy_dtype={m.policy_dtype} stores the TRAINED weights and their AdamW state in "
+            f"{m.policy_dtype}: an update smaller than ~1/256 of a weight rounds away, so at lr={cfg.lr} most "
+            "weights never change and the run learns little or nothing. Set model.policy_dtype=float32 (fp32 master "
+            f"weights; the forward and backward still compute in model.compute_dtype={m.get('compute_dtype')}).",
+            stacklevel=2)
 
 
 def build_policy(cfg: DictConfig, tokenizer, device: torch.device, *, load_from=None, lora=None, in_4bit=None,
-                 activation_checkpointing=None):
+                 activation_checkpointing=None, empty: bool = False):
     """The policy: built (or loaded in 4 bits for QLoRA), `load_from` weights, LoRA adapters, checkpointing.
     The keyword arguments override the config's model.load_from / model.lora.enabled / model.lora.load_in_4bit /
-    model.activation_checkpointing (eval.py rebuilds a run's model with other choices)."""
+    model.activation_checkpointing (eval.py rebuilds a run's model with other choices).
+
+    Stored dtypes (`precision`): the trained weights in policy_dtype; a LoRA run's base in reference_dtype (it
+    is frozen, and it is the reference). `empty`: the same model with its parameters on the meta device and
+    nothing read (a rank that receives rank 0's weights); else on `device`."""
     m = cfg.model
     if m.lora.load_in_4bit and not m.lora.enabled:
         raise ConfigError("model.lora.load_in_4bit=true is QLoRA and trains adapters only: set "
                           "model.lora.enabled=true")
+    p = precision(cfg)
     load_from = m.load_from if load_from is None else load_from
     lora = m.lora.enabled if lora is None else lora
     quantized = lora and (m.lora.load_in_4bit if in_4bit is None else in_4bit)
     if quantized:
         policy = load_4bit(cfg, device)
     else:
-        policy = models.build_model(m.name_or_path, model_dtype(m.policy_dtype, device), seed=m.init_seed,
+        policy = models.build_model(m.name_or_path, p.frozen if lora else p.trained, seed=m.init_seed,
                                     attn_implementation=m.attn_implementation, vocab_size=len(tokenizer),
-                                    architecture=m.architecture)
-    if load_from:
+                                    architecture=m.architecture, empty=empty)
+    if load_from and not empty:
         state = checkpoints.load_policy_weights(load_from)
         try:
             missing, unexpected = policy.load_state_dict(state, strict=False)
@@ -153,23 +200,28 @@ def build_policy(cfg: DictConfig, tokenizer, device: torch.device, *, load_from=
             raise ConfigError(f"model.load_from={load_from} does not match model={m.name}: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
     if lora:
-        policy = lora_wrap(policy, m.lora)
+        policy = lora_wrap(policy, m.lora, p.trained)
     if m.activation_checkpointing if activation_checkpointing is None else activation_checkpointing:
         distributed.enable_activation_checkpointing(policy)
-    return policy if quantized else policy.to(device)  # a 4-bit model is placed by from_pretrained
+    return policy if quantized or empty else policy.to(device)  # a 4-bit model is placed by from_pretrained
 
 
-def lora_wrap(policy, lora_cfg):
-    """peft LoRA adapters (Hu et al. 2021); the reference is the same model with adapters disabled."""
+def lora_wrap(policy, lora_cfg, adapter_dtype: torch.dtype):
+    """peft LoRA adapters (Hu et al. 2021), stored in `adapter_dtype` (the trained dtype, fp32); the reference
+    is the same model with adapters disabled."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                         target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
     try:
-        return get_peft_model(policy, config)
+        model = get_peft_model(policy, config)
     except ValueError as e:
         raise ConfigError(f"model.lora.target_modules={list(lora_cfg.target_modules)} do not fit "
                           f"{type(policy).__name__}: {str(e).splitlines()[0]}") from None
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != adapter_dtype:
+            param.data = param.data.to(adapter_dtype)
+    return model
 
 
 def load_4bit(cfg: DictConfig, device: torch.device):
@@ -203,18 +255,81 @@ def build_reference(cfg: DictConfig, tokenizer, device: torch.device, *, policy,
     if not trainer_class(cfg).uses_reference or models.is_lora(policy):
         return None
     if policy_is_initial:
-        reference = copy.deepcopy(policy)
+        reference = copy.deepcopy(policy)  # on the meta device when `policy` is (then filled from its shards)
     else:
         reference = build_policy(cfg, tokenizer, device, lora=False, activation_checkpointing=False)
-    reference = reference.to(model_dtype(cfg.model.reference_dtype, device))
+    models.cast_parameters(reference, precision(cfg).frozen)
     reference.eval()
     return reference.requires_grad_(False)
 
 
 def use_fsdp(cfg: DictConfig, world_size: int) -> bool:
+    """auto: FSDP2 with more than one process; true: FSDP2 even in one process (a one-GPU check of the sharded
+    path); false: every process holds the whole model (gradients averaged by hand)."""
     if cfg.use_fsdp not in ("auto", True, False):
         raise ConfigError(f"use_fsdp={cfg.use_fsdp} is not one of auto, true, false")
-    return world_size > 1 and cfg.use_fsdp in ("auto", True)
+    return cfg.use_fsdp is True or (world_size > 1 and cfg.use_fsdp == "auto")
+
+
+def check_quantized_processes(cfg: DictConfig, world_size: int, sharded: bool) -> None:
+    """QLoRA runs in one unsharded process: FSDP2 drops bitsandbytes' quant_state when it shards a 4-bit base,
+    and a replicated 4-bit base per GPU is not a tested path."""
+    if cfg.model.lora.enabled and cfg.model.lora.load_in_4bit and (world_size > 1 or sharded):
+        raise ConfigError(
+            f"model.lora.load_in_4bit=true (QLoRA) trains in one process, but this run has {world_size} processes"
+            f"{' and use_fsdp=true' if sharded and world_size == 1 else ''}: FSDP2 does not keep bitsandbytes' "
+            "quantization state when it shards a 4-bit base. Run one process on one GPU (CUDA_VISIBLE_DEVICES=0 "
+            "python train.py ... use_fsdp=auto), or set model.lora.load_in_4bit=false to train LoRA on a bf16 base "
+            "sharded over every GPU")
+
+
+def build_models(cfg: DictConfig, tokenizer, device: torch.device, *, rank: int = 0, world_size: int = 1,
+                 sharded: bool = False, caching: bool = False):
+    """(policy, reference or None, reference cache identity or None): built, placed, sharded, in their dtypes.
+
+    Rank-0 loading: rank 0 alone reads the weights (into host RAM when they will be sharded); every other rank
+    builds the model with its parameters on the meta device and receives rank 0's."""
+    policy = build_policy(cfg, tokenizer, torch.device("cpu") if sharded else device, empty=rank != 0)
+    place = sharded_models if sharded else whole_models
+    return place(cfg, tokenizer, policy, device, world_size=world_size, caching=caching)
+
+
+def whole_models(cfg: DictConfig, tokenizer, policy, device: torch.device, *, world_size: int, caching: bool):
+    """Every process holds the whole policy (rank 0's weights broadcast) and reference; both compute in
+    compute_dtype through autocast."""
+    compute = precision(cfg).compute
+    if world_size > 1:  # (QLoRA runs in one process: check_quantized_processes)
+        if next(policy.parameters()).is_meta:
+            distributed.materialize(policy, device, distributed.buffers_of(policy))
+        distributed.broadcast_parameters(policy)
+    reference = build_reference(cfg, tokenizer, device, policy=policy, policy_is_initial=True)
+    identity = ref_cache.reference_identity(reference if reference is not None else policy, world_size) \
+        if caching else None
+    if reference is not None:
+        models.compute_in(reference, compute)
+    return models.compute_in(policy, compute), reference, identity
+
+
+def sharded_models(cfg: DictConfig, tokenizer, policy, device: torch.device, *, world_size: int, caching: bool):
+    """FSDP2: every rank shards an empty copy of the policy and receives rank 0's tensors into its shards, one
+    tensor at a time; the reference's shards are then copied on each rank from the policy's, cast to
+    reference_dtype (no second read, broadcast or host copy)."""
+    p = precision(cfg)
+    # the reference is the policy's starting weights in reference_dtype (LoRA: its base, already stored so)
+    identity = ref_cache.reference_identity(policy, world_size, dtype=None if models.is_lora(policy) else p.frozen) \
+        if caching else None
+    state = policy.state_dict() if not next(policy.parameters()).is_meta else {}  # rank 0's one full copy
+    buffers = distributed.buffers_of(policy)
+    models.to_meta(policy)
+    reference = build_reference(cfg, tokenizer, device, policy=policy, policy_is_initial=True)
+    distributed.shard(policy, device, cfg.model.block_name, p.compute)
+    distributed.load_from_rank0(policy, state, device, buffers)
+    del state
+    if reference is not None:
+        distributed.shard(reference, device, cfg.model.block_name, p.compute)
+        distributed.materialize(reference, device, buffers)
+        reference.load_state_dict(policy.state_dict())  # this rank's policy shards -> its reference shards
+    return policy, reference, identity
 
 
 # ---------------------------------------------------------------- the run
@@ -266,15 +381,19 @@ def release_memory() -> None:
 def build_trainer(cfg: DictConfig, rank: int = 0, world_size: int = 1,
                   device: torch.device = torch.device("cpu")) -> trainers.BasicTrainer:
     """Everything before the loop. Checks come first, in the order a user fixes them, so a run fails on the first
-    thing to change and before anything is written: names (the loss's trainer and DataLoader), values, the model
-    and tokenizer being loadable here (every missing piece in one message), the data, then the run directory.
-    Then: models, sharding, reference (live, or a cache pass then freed), run dir, resume. Weights are broadcast
-    and fingerprinted before sharding; the cache pass runs on the sharded reference."""
+    thing to change and before anything is built or written: names (the loss's trainer and DataLoader), values
+    (processes, dtypes, checkpoint layout), the model and tokenizer being loadable here (every missing piece in
+    one message), the data, model.load_from, then the run directory. Then: models (rank-0 loading, sharding,
+    dtypes), reference (live, or a cache pass then freed on the sharded reference), run dir, resume."""
     trainer_cls = trainer_class(cfg)
     dataloader_class(cfg, trainer_cls)
     sharded = use_fsdp(cfg, world_size)
+    check_quantized_processes(cfg, world_size, sharded)
+    precision(cfg)
+    checkpoints.check_consolidate(cfg.consolidate_checkpoints)
     models.check_available(cfg.model)
     if rank == 0:
+        warn_on_low_precision_weights(cfg)
         warn_if_random_start(cfg, trainer_cls)
     seed_everything(cfg.seed, cfg.deterministic)
     tokenizer = build_tokenizer(cfg)
@@ -287,21 +406,14 @@ def build_trainer(cfg: DictConfig, rank: int = 0, world_size: int = 1,
     if cfg.model.load_from:
         checkpoints.policy_file(cfg.model.load_from)
     run_dir, resume_from = resolve_run_dir(cfg)
-    policy = build_policy(cfg, tokenizer, device)
-    if not models.is_quantized(policy):
-        distributed.broadcast_parameters(policy)
-    reference = build_reference(cfg, tokenizer, device, policy=policy, policy_is_initial=True)
+    if sharded:
+        distributed.single_process_group(device)
     caching = bool(cfg.cache_reference_logprobs and trainer_cls.uses_reference)
-    identity = ref_cache.reference_identity(reference if reference is not None else policy, world_size) \
-        if caching else None
+    policy, reference, identity = build_models(cfg, tokenizer, device, rank=rank, world_size=world_size,
+                                               sharded=sharded, caching=caching)
     heads = trainer_cls.make_heads(policy)
     for head in heads.values():
         distributed.broadcast_parameters(head)
-    if sharded:
-        mixed = device.type == "cuda" and cfg.model.policy_dtype == "bfloat16"
-        policy = distributed.shard(policy, device, cfg.model.block_name, mixed)
-        if reference is not None:
-            reference = distributed.shard(reference, device, cfg.model.block_name, mixed)
     reference_cache = None
     if caching:
         reference_cache = ref_cache.build(cfg, tokenizer, reference if reference is not None else policy, identity,

@@ -1,28 +1,39 @@
-"""Atomic checkpoints and exact resume.
+"""Atomic, sharded checkpoints and exact resume.
 
 Layout of a run directory:
     config.yaml, metrics.jsonl
-    checkpoints/step-000123/policy.pt        HALOs format {"step_idx", "state", "metrics"}: the plain model's
-                                             weights (LoRA merged); load with model.load_from
-    checkpoints/step-000123/hf/              save_pretrained export (safetensors) with the final save; LoRA merged
-                                             unless model.lora.merge_on_export=false (then the peft adapter)
-                                             QLoRA (4-bit base): nothing is merged; policy.pt holds the peft state
-                                             and hf/ the adapter
-    checkpoints/step-000123/resume.pt        full optimizer + scheduler state, LoRA adapters, the trainer's heads
-    checkpoints/step-000123/trainer_state.json  step, examples, data position, RNG states (JSON, no pickle)
-    LATEST -> checkpoints/step-000123        a symlink swapped with os.replace, so it is never half-written
+    checkpoints/step-000123/state/              torch.distributed.checkpoint (DCP): each rank writes its own shards
+                                                of the trained weights (the policy's, or a LoRA run's adapters, and
+                                                the heads') and of their AdamW state; any number of processes,
+                                                sharded or not, can resume from it (DCP reshards on load)
+    checkpoints/step-000123/trainer_state.json  step, examples, data position, each rank's RNG, the scheduler and the
+                                                optimizer's hyper-parameters (JSON)
+    checkpoints/step-000123/policy.pt           consolidated weights, only where asked (`consolidate`: the final
+                                                checkpoint by default): HALOs format {"step_idx", "state",
+                                                "metrics"}, the plain model's weights (LoRA merged); load with
+                                                model.load_from. QLoRA: the peft state, nothing merged
+    checkpoints/step-000123/hf/                 save_pretrained export (safetensors) with the final save; LoRA
+                                                merged unless model.lora.merge_on_export=false (then the adapter)
+    LATEST -> checkpoints/step-000123           a symlink swapped with os.replace, so it is never half-written
 
-What is saved is passed in explicitly as a `TrainState` (the trained modules: "policy" plus any heads, the
-optimizer, the scheduler, and the JSON-safe progress of the loop); nothing here reads a trainer.
-Everything read back is loaded with `torch.load(weights_only=True)` (tensors and plain containers only) or JSON.
-A checkpoint is written into a temporary directory, fsync'd, renamed to a name no other checkpoint has, and only
-then does LATEST move; older checkpoints beyond `keep_checkpoints` are removed after that.
+At 7B on 8 GPUs an intermediate save writes ~29 GB of fp32 weights and ~58 GB of AdamW moments as 8 parallel
+shards, and no rank holds more than its own shards; only a consolidated save gathers the full weights (29 GB) into
+rank 0's host RAM. A checkpoint is written into a temporary directory (`checkpoints/.tmp-step-*`; with several
+nodes, cache_dir must be a filesystem they share), fsync'd, renamed to a name no other checkpoint has, and only
+then does LATEST move; older checkpoints beyond `keep_checkpoints` are removed after that. A kill at any moment
+leaves the previous LATEST whole.
+
+What is saved is passed in explicitly as a `TrainState`; nothing here reads a trainer. Nothing read back runs
+code: tensors through DCP's tensor reader (torch.load(weights_only=True)) with its metadata unpickled by an
+allowlist (`SafeReader`), policy.pt with torch.load(weights_only=True), everything else JSON.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -32,17 +43,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from transformers.utils import logging as hf_logging
 
-from feedbackalign.errors import CheckpointError
+from feedbackalign.errors import CheckpointError, ConfigError
 from feedbackalign.models import is_lora, is_quantized
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 only, on CPU
 STEP_DIR = re.compile(r"^step-(\d+)(?:\.(\d+))?$")
 POLICY = "policy"  # the trained modules' key of the policy; every other key is a head (e.g. PPO's value head)
+SHARDED = "state"  # the DCP directory of a checkpoint
+STATE_FILE = "trainer_state.json"
+CONSOLIDATE = ("final", "all")  # consolidate_checkpoints: policy.pt in the final checkpoint only, or in every one
 
 
 @dataclass
@@ -57,6 +74,12 @@ class TrainState:
     @property
     def policy(self) -> torch.nn.Module:
         return self.modules[POLICY]
+
+
+def check_consolidate(value) -> None:
+    if value not in CONSOLIDATE:
+        raise ConfigError(f"consolidate_checkpoints={value} is not one of {', '.join(CONSOLIDATE)} (final: policy.pt "
+                          "in the final checkpoint only; all: in every checkpoint)")
 
 
 def _barrier(world_size: int) -> None:
@@ -181,47 +204,72 @@ def _free_name(root: Path, step: int) -> Path:
     return path
 
 
+def trained_names(modules: torch.nn.Module) -> set[str]:
+    """State-dict names of the trained parameters (tied names included): what the sharded state holds. A LoRA
+    run's frozen base is left out; it is rebuilt from the run's config (model.load_from or the base model)."""
+    return {name for name, p in modules.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+
+def sharded_state(state: TrainState, optimizer: bool) -> tuple[dict, list | None]:
+    """({"model": trained weights, "optimizer": AdamW state}, optimizer hyper-parameters): this rank's shards
+    (DTensors) under FSDP2, whole tensors otherwise; keyed by parameter name, so any layout can load them.
+    `optimizer` false: the weights only (an optimizer that has not stepped has no state, and asking for its
+    state dict would create one)."""
+    trained = trained_names(state.modules)
+    weights = {k: v for k, v in get_model_state_dict(state.modules).items() if k in trained}
+    if not optimizer:
+        return {"model": weights}, None
+    optim = get_optimizer_state_dict(state.modules, state.optimizer)
+    return {"model": weights, "optimizer": optim["state"]}, optim["param_groups"]
+
+
 def save(run_dir, state: TrainState, *, tokenizer, rank: int = 0, world_size: int = 1, keep: int = 2,
-         export: bool = False, merge_lora: bool = True, chat_template=None) -> Path | None:
-    """Write a checkpoint of `state` atomically (every rank gathers, rank 0 writes); returns its directory on
-    rank 0. `export` adds the save_pretrained export hf/ (LoRA merged unless `merge_lora` is false), its
-    tokenizer carrying `chat_template`."""
-    full = get_model_state_dict(state.modules, options=FULL)
-    optim = get_optimizer_state_dict(state.modules, state.optimizer, options=FULL)
+         consolidate: bool = False, export: bool = False, merge_lora: bool = True,
+         chat_template=None) -> Path | None:
+    """Write a checkpoint of `state` atomically: every rank writes its shards (DCP) into the temporary directory
+    rank 0 named, rank 0 adds the JSON state (and, with `consolidate`, policy.pt gathered from every rank;
+    `export` the save_pretrained export hf/, LoRA merged unless `merge_lora` is false, its tokenizer carrying
+    `chat_template`), then renames it and moves LATEST. Returns the checkpoint directory on rank 0."""
+    full = get_model_state_dict(state.modules, options=FULL) if consolidate else None
+    sharded, param_groups = sharded_state(state, optimizer=bool(state.optimizer.state))
     rng = [None] * world_size
     if world_size > 1:
         dist.all_gather_object(rng, rng_state())
     else:
         rng = [rng_state()]
+    root = Path(run_dir) / "checkpoints"
+    tmp = [root / f".tmp-step-{int(state.progress['step']):06d}-{os.getpid()}" if rank == 0 else None]
+    if rank == 0:
+        shutil.rmtree(tmp[0], ignore_errors=True)
+        tmp[0].mkdir(parents=True)
+    if world_size > 1:
+        dist.broadcast_object_list(tmp, src=0)
+    dcp.save(sharded, storage_writer=FileSystemWriter(tmp[0] / SHARDED), no_dist=not dist.is_initialized())
     final_dir = None
     if rank == 0:
-        final_dir = _write(Path(run_dir), state, full, optim, rng, tokenizer=tokenizer, keep=keep, export=export,
-                           merge_lora=merge_lora, chat_template=chat_template)
+        progress = {**state.progress, "rng": rng, "scheduler": state.scheduler.state_dict(),
+                    "optimizer": param_groups}
+        final_dir = _write(Path(run_dir), tmp[0], state, full, progress, tokenizer=tokenizer, keep=keep,
+                           export=export, merge_lora=merge_lora, chat_template=chat_template)
     _barrier(world_size)
     return final_dir
 
 
-def _write(run_dir: Path, state: TrainState, full: dict, optim: dict, rng: list, *, tokenizer, keep: int,
+def _write(run_dir: Path, tmp: Path, state: TrainState, full: dict | None, progress: dict, *, tokenizer, keep: int,
            export: bool, merge_lora: bool, chat_template=None) -> Path:
-    step = int(state.progress["step"])
-    root = run_dir / "checkpoints"
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    modules = by_module(full)
-    policy_state = modules.pop(POLICY)
-    lora, quantized = is_lora(state.policy), is_quantized(state.policy)
-    plain = merged_state(policy_state, lora_scalings(state.policy)) if lora and not quantized else policy_state
-    torch.save({"step_idx": state.progress["examples_seen"], "state": plain, "metrics": {}}, tmp / "policy.pt")
-    resume = {"optimizer": optim, "scheduler": state.scheduler.state_dict(), "heads": modules,
-              "adapters": {k: v for k, v in policy_state.items() if "lora_" in k} if lora else {}}
-    torch.save(resume, tmp / "resume.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({**state.progress, "rng": rng}))
-    if export:
-        export_hf(state.policy, tokenizer, plain, policy_state, tmp / "hf", merge=merge_lora and not quantized,
-                  chat_template=chat_template)
+    """Rank 0: the JSON state and the consolidated files into `tmp`, then fsync, rename, LATEST, prune."""
+    (tmp / STATE_FILE).write_text(json.dumps(progress))
+    if full is not None:
+        policy_state = by_module(full)[POLICY]
+        lora, quantized = is_lora(state.policy), is_quantized(state.policy)
+        plain = merged_state(policy_state, lora_scalings(state.policy)) if lora and not quantized else policy_state
+        torch.save({"step_idx": state.progress["examples_seen"], "state": plain, "metrics": {}}, tmp / "policy.pt")
+        if export:
+            export_hf(state.policy, tokenizer, plain, policy_state, tmp / "hf", merge=merge_lora and not quantized,
+                      chat_template=chat_template)
     _fsync_tree(tmp)
-    final_dir = _free_name(root, step)
+    root = run_dir / "checkpoints"
+    final_dir = _free_name(root, int(state.progress["step"]))
     os.rename(tmp, final_dir)
     _fsync_dir(root)
     point_latest(run_dir, final_dir)
@@ -266,15 +314,92 @@ def prune(run_dir: Path, keep: int) -> None:
 
 def latest_dir(run_dir) -> Path:
     latest = Path(run_dir) / "LATEST"
-    if not all((latest / name).is_file() for name in ("policy.pt", "resume.pt", "trainer_state.json")):
+    if not ((latest / STATE_FILE).is_file() and (latest / SHARDED / ".metadata").is_file()):
         raise CheckpointError(f"no checkpoint to resume in {run_dir}: {latest} is missing or incomplete "
                               "(train first, or point resume= at a run directory that has LATEST)")
     return latest.resolve()
 
 
+class SafeReader(FileSystemReader):
+    """DCP's file reader, except that its metadata file (a pickle) is read by `MetadataUnpickler`, which builds
+    only DCP's metadata records, torch sizes and dtypes: a crafted checkpoint cannot run code when loaded."""
+
+    def read_metadata(self, *args, **kwargs):
+        with open(Path(self.path) / ".metadata", "rb") as f:
+            metadata = MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Builds the records a DCP .metadata file holds (torch 2.4 onwards) and nothing else: classes defined in
+    DCP's metadata and filesystem modules, torch.Size, dtypes and layouts, paths. Any other global (a function
+    to call, a dotted attribute path) is refused."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    NAMED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+             ("pathlib", "WindowsPath")}
+
+    def find_class(self, module, name):
+        if "." not in name and ((module, name) in self.NAMED or self._record_class(module, name)
+                                or module == "torch" and isinstance(getattr(torch, name, None),
+                                                                    (torch.dtype, torch.layout, torch.memory_format))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+    def _record_class(self, module: str, name: str) -> bool:
+        if module not in self.MODULES:
+            return False
+        found = getattr(importlib.import_module(module), name, None)
+        return isinstance(found, type) and found.__module__ == module
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """DCP's flattened keys of a nested state dict ("model.policy.w", "optimizer.policy.w.exp_avg")."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def saved_metadata(directory: Path) -> dict:
+    """{key: storage metadata} of a DCP directory, read through `SafeReader`."""
+    try:
+        return SafeReader(directory).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - a damaged or crafted file is the user's to replace
+        raise CheckpointError(f"checkpoint {directory.parent}: cannot read {directory}/.metadata ({e}); use another "
+                              "checkpoint") from None
+
+
+def read_sharded(directory: Path, tree: dict, *, no_dist: bool = False) -> None:
+    """Fill `tree` (nested dicts of tensors or DTensor shards) in place from a DCP directory; every key must be
+    a tensor there. Collective unless `no_dist` (one process reading alone)."""
+    saved = saved_metadata(directory)
+    wanted = _flat(tree)
+    missing = [k for k in wanted if not isinstance(saved.get(k), TensorStorageMetadata)]
+    if missing:
+        raise CheckpointError(f"checkpoint {directory.parent} does not fit this run: it has no tensor {missing[0]} "
+                              f"({len(missing)} missing); resume with the model, LoRA and loss settings it was saved "
+                              "with")
+    mismatched = [k for k, v in wanted.items() if tuple(saved[k].size) != tuple(v.shape)]
+    if mismatched:
+        k = mismatched[0]
+        raise CheckpointError(f"checkpoint {directory.parent} does not fit this run: {k} has shape "
+                              f"{tuple(saved[k].size)} there, {tuple(wanted[k].shape)} here; resume with the same model")
+    dcp.load(tree, storage_reader=SafeReader(directory), no_dist=no_dist)
+
+
 def policy_file(path) -> Path:
-    """The policy.pt that model.load_from names (the file, or a directory holding one); it must exist."""
+    """What model.load_from names, checked to exist (before a run writes anything): a policy.pt, a directory
+    holding one, or a checkpoint directory with sharded weights only (returned as the directory)."""
     path = Path(path)
+    if path.is_dir() and not (path / "policy.pt").is_file() and (path / SHARDED / ".metadata").is_file():
+        return path
     if path.is_dir():
         path = path / "policy.pt"
     if not path.is_file():
@@ -284,8 +409,12 @@ def policy_file(path) -> Path:
 
 
 def load_policy_weights(path) -> dict:
-    """The weights from a HALOs-style policy.pt (or a bare state dict), without executing pickled code."""
+    """The policy's weights from a HALOs-style policy.pt (or a bare state dict), without executing pickled code;
+    a checkpoint directory without policy.pt (an intermediate, sharded-only one) is consolidated here from its
+    DCP shards (full fine-tuning only: a LoRA run's shards hold the adapters alone)."""
     path = policy_file(path)
+    if path.is_dir():
+        return _consolidated_policy(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
@@ -293,43 +422,53 @@ def load_policy_weights(path) -> dict:
     return blob["state"] if isinstance(blob, dict) and "state" in blob else blob
 
 
+def _saved_tensors(checkpoint_dir: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's sharded state whose key starts with `prefix`, whole, read in this process
+    alone (the shards of any number of ranks are stitched by DCP)."""
+    saved = saved_metadata(checkpoint_dir / SHARDED)
+    tree = {k[len(prefix):]: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in saved.items()
+            if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    read_sharded(checkpoint_dir / SHARDED, {prefix.rstrip("."): tree} if tree else {}, no_dist=True)
+    return tree
+
+
+def _consolidated_policy(checkpoint_dir: Path) -> dict:
+    weights = _saved_tensors(checkpoint_dir, f"model.{POLICY}.")
+    if any("lora_" in k for k in weights):
+        raise CheckpointError(f"{checkpoint_dir} is an intermediate checkpoint of a LoRA run: its shards hold the "
+                              "adapters only; use the run's final checkpoint, or train with "
+                              "consolidate_checkpoints=all to get policy.pt in every checkpoint")
+    return weights
+
+
 def load_heads(checkpoint_dir, heads: dict[str, torch.nn.Module]) -> None:
-    """Trained weights of a trainer's heads (e.g. PPO's value head) from a checkpoint's resume.pt."""
-    path = Path(checkpoint_dir) / "resume.pt"
-    saved = torch.load(path, map_location="cpu", weights_only=True).get("heads", {}) if path.is_file() else {}
+    """Trained weights of a trainer's heads (e.g. PPO's value head) from a checkpoint's sharded state."""
+    checkpoint_dir = Path(checkpoint_dir)
     for name, head in heads.items():
-        if name not in saved:
-            raise CheckpointError(f"checkpoint {checkpoint_dir}: no trained '{name}' in {path}; give a checkpoint "
+        if not (checkpoint_dir / SHARDED / ".metadata").is_file():
+            raise CheckpointError(f"checkpoint {checkpoint_dir}: no trained '{name}' (no {SHARDED}/ directory); give "
+                                  "a checkpoint directory written by train.py for this loss")
+        saved = _saved_tensors(checkpoint_dir, f"model.{name}.")
+        if not saved:
+            raise CheckpointError(f"checkpoint {checkpoint_dir}: no trained '{name}' in it; give a checkpoint "
                                   "directory written by train.py for this loss")
-        head.load_state_dict(saved[name])
-
-
-def _module_state(state: TrainState, ckpt: Path, resume: dict) -> dict:
-    """The full {"policy.*", "<head>.*"} state to restore: plain weights, or the base + saved adapters."""
-    policy = resume["adapters"] if is_lora(state.policy) else load_policy_weights(ckpt)
-    modules = {POLICY: policy, **resume.get("heads", {})}
-    return {f"{module}.{k}": v for module, values in modules.items() for k, v in values.items()}
+        head.load_state_dict(saved)
 
 
 def load_resume_state(run_dir, state: TrainState, *, rank: int = 0, world_size: int = 1) -> dict:
-    """Restore `state`'s modules, optimizer, scheduler and this rank's RNG from run_dir/LATEST; return the saved
-    progress. Rank 0 reads the files and broadcasts (full state dicts), so other ranks never hold a full copy."""
+    """Restore `state`'s trained weights, optimizer, scheduler and this rank's RNG from run_dir/LATEST; return
+    the saved progress. Each rank reads the parts of the shards it holds (DCP reshards: a checkpoint saved by 2
+    processes resumes in 1, sharded or not, and the other way round)."""
     ckpt = latest_dir(run_dir)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world_size > 1,
-                               strict=not is_lora(state.policy))
-    if rank == 0 or world_size == 1:
-        resume = torch.load(ckpt / "resume.pt", map_location="cpu", weights_only=True)
-        modules, optim = _module_state(state, ckpt, resume), resume["optimizer"]
-    else:
-        resume, modules, optim = None, {}, {}
-    set_model_state_dict(state.modules, modules, options=options)
-    set_optimizer_state_dict(state.modules, state.optimizer, optim,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=world_size > 1))
-    scheduler = [resume["scheduler"] if resume is not None else None]
-    if world_size > 1:
-        dist.broadcast_object_list(scheduler, src=0)
-    state.scheduler.load_state_dict(scheduler[0])
-    progress = json.loads((ckpt / "trainer_state.json").read_text())
+    progress = json.loads((ckpt / STATE_FILE).read_text())
+    param_groups = progress.pop("optimizer")  # None: saved before the first optimizer step
+    tree, _ = sharded_state(state, optimizer=param_groups is not None)
+    read_sharded(ckpt / SHARDED, tree, no_dist=not dist.is_initialized())
+    set_model_state_dict(state.modules, tree["model"], options=StateDictOptions(strict=False))
+    if param_groups is not None:
+        set_optimizer_state_dict(state.modules, state.optimizer,
+                                 {"state": tree["optimizer"], "param_groups": param_groups})
+    state.scheduler.load_state_dict(progress.pop("scheduler"))
     rngs = progress.pop("rng")
     set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
     return progress

@@ -9,6 +9,12 @@ tools/build_tiny_tokenizer.py). It is what `python train.py` trains with no argu
 Pythia, tiny), as Hugging Face config fields, shipped so that a real architecture can be built with no hub
 access: `model.name_or_path=random` builds `model.architecture` with seeded random weights (tests, GPU checks),
 and a model can be built on the meta device (no memory) to plan a run.
+
+`build_model(..., empty=True)` builds any of them with parameters on the meta device and real buffers (the
+rotary frequencies are computed, not loaded): what every rank but rank 0 builds before FSDP2 shards the model and
+rank 0's weights are broadcast into the shards (builders.py). `compute_in` runs a model's forward under
+torch.autocast: the compute dtype of a model that is not sharded (FSDP2's MixedPrecisionPolicy does it for a
+sharded one).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import importlib.util
 import json
 import os
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -37,6 +44,74 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"model dtype '{name}' is unknown; valid: {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def compute_dtype(model_cfg) -> torch.dtype:
+    """`model.compute_dtype`; a run directory saved before the key existed computed in its policy_dtype."""
+    return torch_dtype(model_cfg.get("compute_dtype") or model_cfg.policy_dtype)
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Store the parameters in `dtype`, leaving buffers alone: `model.to(bfloat16)` would also round the rotary
+    inverse frequencies (fp32 buffers) to bf16, shifting the rotation angles at long positions."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model
+
+
+class _Autocast:
+    """Forward hooks that run a module's forward under torch.autocast (what accelerate does by wrapping
+    `forward`; hooks keep state dicts, `deepcopy` and peft's adapter switches untouched)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.active: list = []
+
+    def enter(self, module, args):
+        device = next(module.parameters()).device.type
+        context = torch.autocast(device, dtype=self.dtype)
+        context.__enter__()
+        self.active.append(context)
+
+    def exit(self, module, args, output):
+        self.active.pop().__exit__(None, None, None)
+
+
+def compute_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Run every forward of `model` (training, reference, cache pass, generation) with its matmuls in `dtype`
+    via autocast, whatever its parameters' stored dtype; float32 (or the parameters' own dtype) needs nothing.
+    Gradients still land in each parameter's own dtype (fp32 master weights get fp32 gradients)."""
+    if dtype == torch.float32 or all(p.dtype == dtype for p in model.parameters()):
+        return model
+    hooks = _Autocast(dtype)
+    model.register_forward_pre_hook(hooks.enter)
+    model.register_forward_hook(hooks.exit, always_call=True)
+    return model
+
+
+def to_meta(model: torch.nn.Module) -> torch.nn.Module:
+    """Move a model's parameters and buffers to the meta device (freeing them), ties kept: moving replaces each
+    parameter, which unties tied embeddings until the model re-ties them."""
+    model.to("meta")
+    return retie(model)
+
+
+def retie(model: torch.nn.Module) -> torch.nn.Module:
+    """Re-tie a Hugging Face model's tied weights (input embeddings = LM head where its config says so), which
+    meta-device construction and moves break; LoRA models through their base."""
+    (model.get_base_model() if is_lora(model) else model).tie_weights()
+    return model
+
+
+def empty_weights(empty: bool):
+    """Parameters on the meta device (no memory, no initialisation), buffers real (accelerate's
+    init_empty_weights(include_buffers=False)); a no-op context when `empty` is false."""
+    if not empty:
+        return nullcontext()
+    from accelerate import init_empty_weights
+
+    return init_empty_weights(include_buffers=False)
 
 
 def load_tokenizer(name_or_path: str, special_tokens=()):
@@ -156,29 +231,39 @@ def architecture_config(name: str):
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
-def random_model(architecture: str, dtype: torch.dtype, seed: int = 0, attn_implementation: str = "sdpa"):
-    """`architecture` with weights drawn from `seed` (the model's own initialisation), on the CPU."""
+def random_model(architecture: str, dtype: torch.dtype, seed: int = 0, attn_implementation: str = "sdpa",
+                 empty: bool = False):
+    """`architecture` with weights drawn from `seed` (the model's own initialisation, in fp32, then stored in
+    `dtype`), on the CPU; `empty`: parameters on the meta device."""
     config = architecture_config(architecture)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), empty_weights(empty):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
-    return model.to(dtype)
+    return cast_parameters(retie(model) if empty else model, dtype)
 
 
 def build_model(name_or_path: str, dtype: torch.dtype, seed: int = 0, attn_implementation: str = "sdpa",
-                vocab_size: int | None = None, architecture: str | None = None):
+                vocab_size: int | None = None, architecture: str | None = None, empty: bool = False):
     """A causal LM: the seeded tiny Llama, a shipped architecture with seeded random weights
-    (`name_or_path=random`), or `from_pretrained` of a hub name / local directory."""
+    (`name_or_path=random`), or `from_pretrained` of a hub name / local directory. `empty`: the same model with
+    its parameters on the meta device (only the hub config is read), to be filled from rank 0."""
     if name_or_path == TINY_NAME:
-        return random_model(TINY_NAME, dtype, seed, attn_implementation)
+        return random_model(TINY_NAME, dtype, seed, attn_implementation, empty)
     if name_or_path == RANDOM_NAME:
         if not architecture:
             raise ConfigError("model.name_or_path=random builds model.architecture with random weights: set "
                               f"model.architecture to one of {', '.join(architectures())}")
-        return random_model(architecture, dtype, seed, attention_implementation(attn_implementation))
+        return random_model(architecture, dtype, seed, attention_implementation(attn_implementation), empty)
+    attention = attention_implementation(attn_implementation)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=dtype, attn_implementation=attention_implementation(attn_implementation))
+        if empty:
+            config = AutoConfig.from_pretrained(name_or_path)
+            if vocab_size is not None and config.vocab_size < vocab_size:  # what resize_token_embeddings gives rank 0
+                config.vocab_size = vocab_size
+            with empty_weights(True):
+                model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+            return cast_parameters(retie(model), dtype)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attention)
     except OSError as e:
         raise EnvError(f"cannot load model '{name_or_path}': {str(e).splitlines()[0]} "
                         "(offline? set model.name_or_path to a local directory)") from None

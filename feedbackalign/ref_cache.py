@@ -41,27 +41,32 @@ from feedbackalign.progress import progress
 QUERY_CHUNK = 500  # keys per SQL `IN (...)` (SQLite's variable limit is larger; this keeps statements short)
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
+def weights_fingerprint(model: torch.nn.Module, dtype: torch.dtype | None = None) -> str:
     """blake2b of every parameter and buffer (normalised name, dtype, shape, bytes): the reference's identity.
+    `dtype`: fingerprint the parameters as stored in that dtype (cast one tensor at a time), buffers as they are.
 
     LoRA adapter weights are left out: the reference of a LoRA run is the base with adapters disabled."""
     h = hashlib.blake2b(digest_size=16)
-    tensors = sorted((plain_name(n), t) for n, t in model.state_dict().items() if "lora_" not in n)
-    with progress(desc="fingerprint", total=sum(t.numel() * t.element_size() for _, t in tensors), unit="B",
-                  unit_scale=True, leave=False) as bar:  # 7B bf16: 14.5 GB, ~50 s at 0.3 GB/s here
-        for name, tensor in tensors:
-            t = tensor.detach().cpu().contiguous()
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)} if dtype is not None else set()
+    tensors = sorted((plain_name(n), n, t) for n, t in model.state_dict().items() if "lora_" not in n)
+    size = {n: t.numel() * (dtype.itemsize if n in params else t.element_size()) for _, n, t in tensors}
+    with progress(desc="fingerprint", total=sum(size.values()), unit="B", unit_scale=True,
+                  leave=False) as bar:  # 7B bf16: 14.5 GB, ~50 s at 0.3 GB/s here
+        for name, key, tensor in tensors:
+            t = tensor.detach().cpu()
+            t = (t.to(dtype) if key in params else t).contiguous()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself: no copy
-            bar.update(t.numel() * t.element_size())
+            bar.update(size[key])
     return h.hexdigest()
 
 
-def reference_identity(model: torch.nn.Module, world_size: int) -> str:
-    """The weights fingerprint, computed once on rank 0 (ranks hold the same weights) and broadcast.
+def reference_identity(model: torch.nn.Module, world_size: int, dtype: torch.dtype | None = None) -> str:
+    """The weights fingerprint (as stored in `dtype`, if given), computed once on rank 0 (the rank that holds
+    the full weights) and broadcast.
 
     Call before sharding: it reads the full tensors."""
-    value = [weights_fingerprint(model) if world_size == 1 or dist.get_rank() == 0 else None]
+    value = [weights_fingerprint(model, dtype) if world_size == 1 or dist.get_rank() == 0 else None]
     if world_size > 1:
         dist.broadcast_object_list(value, src=0)
     return value[0]
