@@ -37,6 +37,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,7 +245,10 @@ def save(run_dir, state: TrainState, *, tokenizer, rank: int = 0, world_size: in
         tmp[0].mkdir(parents=True)
     if world_size > 1:
         dist.broadcast_object_list(tmp, src=0)
-    dcp.save(sharded, storage_writer=FileSystemWriter(tmp[0] / SHARDED), no_dist=not dist.is_initialized())
+    alone = not dist.is_initialized()
+    with warnings.catch_warnings():   # one process saving alone is what alone means here: no warning every save
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.save(sharded, storage_writer=FileSystemWriter(tmp[0] / SHARDED), no_dist=alone)
     final_dir = None
     if rank == 0:
         progress = {**state.progress, "rng": rng, "scheduler": state.scheduler.state_dict(),

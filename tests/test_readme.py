@@ -27,6 +27,7 @@ NOT_RUN = {  # command -> why this test does not run it
     "python train.py": "run in full by tests/test_trainers.py::test_python_train_py_with_no_arguments",
     "python -m showcase.benchmark": "a benchmark of minutes (docs/performance.md)",
     "python -m feedbackalign.data_summary": "the module's name in the layout; its full command is run",
+    "python tools/gpu_check_precision.py": "needs a GPU; tests/test_precision.py runs it with --cpu",
 }
 
 
@@ -110,7 +111,8 @@ def test_the_offline_commands_run_as_written(first_steps):
     assert "metrics    runs/sft/metrics.jsonl" in sft and "HF export  runs/sft/LATEST/hf" in sft
     assert "model.load_from=runs/sft/LATEST/policy.pt" in sft
     dpo = next(r for c, r in results.items() if "loss=dpo exp_name=dpo" in c)
-    assert "warning" not in dpo.stderr and (folder / "runs" / "dpo" / "summary.json").is_file()
+    assert "warning" not in dpo.stderr, dpo.stderr   # model.load_from given: nothing to warn about
+    assert (folder / "runs" / "dpo" / "summary.json").is_file()
     scored = results["python -m feedbackalign.task score samples/sft.json samples/dpo.json"].stdout.splitlines()
     assert [line.split(":")[0] for line in scored] == ["samples/sft.json", "samples/dpo.json"]
     assert all("8 samples, true reward" in line for line in scored)
