@@ -403,15 +403,28 @@ def judge_comparison(comparison: Comparison, ask: Callable[[list[dict]], str], i
 _RECORD_START = b'{"id": '
 
 
-def _parse_record(line: bytes) -> Optional[dict]:
+@dataclass(frozen=True)
+class RecordKind:
+    """What an append-only log holds: which program writes it, the option naming it, and its records' test
+    (compare.py's comparisons; label.py's labelled items reuse the log)."""
+
+    program: str
+    option: str
+    is_record: Callable[[dict], bool]
+
+
+COMPARISONS = RecordKind("compare.py", "-r", lambda record: record.get("outcome") in OUTCOMES)
+
+
+def _parse_record(line: bytes, kind: RecordKind = COMPARISONS) -> Optional[dict]:
     try:
         record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return record if isinstance(record, dict) and "id" in record and record.get("outcome") in OUTCOMES else None
+    return record if isinstance(record, dict) and "id" in record and kind.is_record(record) else None
 
 
-def scan_results(path: Path, data: bytes) -> tuple[list[dict], int]:
+def scan_results(path: Path, data: bytes, kind: RecordKind = COMPARISONS) -> tuple[list[dict], int]:
     """(complete records, byte length of the intact part). A torn last line (no newline, not a record, or the
     zero bytes a crash can leave) is outside the intact part; a bad line before it is a DataError."""
     end = data.rfind(b"\n") + 1
@@ -420,39 +433,39 @@ def scan_results(path: Path, data: bytes) -> tuple[list[dict], int]:
     for number, line in enumerate(body.splitlines(), start=1):
         if not line.strip():
             continue
-        record = _parse_record(line)
+        record = _parse_record(line, kind)
         if record is None:
-            raise DataError(f"results file {path} line {number} is not a compare.py record: delete that line "
-                            f"(its comparison is judged again) or pass another -r")
+            raise DataError(f"results file {path} line {number} is not a {kind.program} record: delete that line "
+                            f"(its work is redone) or pass another {kind.option}")
         records.append(record)
-    tail_record = _parse_record(tail) if tail.strip(b"\0 ") else None
+    tail_record = _parse_record(tail, kind) if tail.strip(b"\0 ") else None
     if tail_record is not None:  # complete record, only its newline lost
         records.append(tail_record)
         return records, len(data)
     torn = tail.strip(b"\0")
     if torn and not (torn.startswith(_RECORD_START) or _RECORD_START.startswith(torn)):
-        raise DataError(f"results file {path} does not end in a compare.py record: is it a results file? "
-                        f"pass another -r")
+        raise DataError(f"results file {path} does not end in a {kind.program} record: is it a results file? "
+                        f"pass another {kind.option}")
     return records, end
 
 
-def read_results(path: Path) -> list[dict]:
+def read_results(path: Path, kind: RecordKind = COMPARISONS) -> list[dict]:
     """The complete records of a results file (a torn last line ignored); [] when it does not exist."""
-    return scan_results(path, path.read_bytes())[0] if path.exists() else []
+    return scan_results(path, path.read_bytes(), kind)[0] if path.exists() else []
 
 
 class ResultsLog:
     """The append-only results JSONL: locked against a second run, torn tail cut off, one fsync'd line each."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, kind: RecordKind = COMPARISONS):
+        self.path, self.kind = path, kind
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a+b")
         self._lock = threading.Lock()
         try:
             self._take_file_lock()
             self._file.seek(0)
-            records, intact = scan_results(path, self._file.read())
+            records, intact = scan_results(path, self._file.read(), kind)
             if intact < self._file.tell():
                 self._file.truncate(intact)
             elif intact and not self._ends_with_newline():
@@ -470,7 +483,8 @@ class ResultsLog:
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DataError(f"another compare.py run is writing {self.path}: wait for it, or pass another -r") from None
+            raise DataError(f"another {self.kind.program} run is writing {self.path}: wait for it, or pass another "
+                            f"{self.kind.option}") from None
 
     def _ends_with_newline(self) -> bool:
         self._file.seek(-1, os.SEEK_END)

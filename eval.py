@@ -8,12 +8,15 @@ The run's saved `config.yaml` is the configuration; every `key=value` / `++key=v
 
   mode            sample | eval
   n_samples       prompts to sample (null: all of the split)
-  split           the datasets' split to sample or evaluate (default test)
+  n_responses     responses sampled per prompt (K, default 1; > 1 needs temperature > 0), all in one batched pass
+  split           the datasets' split to sample or evaluate (default test; train samples the training prompts)
   checkpoint      policy (LATEST/policy.pt: the plain weights, LoRA merged), hf (LATEST/hf, the save_pretrained
-                  export: a model, or a peft adapter put back on the run's base) or a path to a policy.pt, a
+                  export: a model, or a peft adapter put back on the run's base), base (the config's own model:
+                  model.name_or_path with model.load_from, what a run starts from) or a path to a policy.pt, a
                   directory holding one, or a save_pretrained directory
-  backend         hf (batched `generate`, left padding) | vllm (optional, CUDA only; samples a full save_pretrained
-                  model: LATEST/hf for checkpoint=policy)
+  backend         auto (default: vllm when it is installed, a GPU is visible and the checkpoint is a full
+                  save_pretrained model, else hf) | hf (batched `generate`, left padding) | vllm (CUDA only; samples
+                  a full save_pretrained model: LATEST/hf for checkpoint=policy)
   temperature     0 = greedy; top_p: nucleus mass (no top-k), used when temperature > 0
   max_new_tokens  null: model.max_length - the prompt's length, capped at MAX_NEW_TOKENS; sampling stops at EOS
   control_token   appended to every prompt; null: the run's loader's `chosen_control_token` if it has one (CSFT)
@@ -26,7 +29,8 @@ datasets=[alpacaeval], alpaca_eval=true and n_samples=null, top-level human_pref
 ...; HALOs keys with no equivalent here stop with one line naming what to use instead.
 
 `mode=sample` writes `<samples_dir>/<exp_name>.json`: {"sampled_at", "exp_name", "checkpoint", "config", "samples":
-[{"id", "prompt", "prompt_turns", "policy", "chosen", "dataset"}]}, the file compare.py reads. `chosen` is the
+[{"id", "prompt", "prompt_turns", "policy", "chosen", "dataset"}]}, the file compare.py reads; with n_responses = K > 1
+each sample also has "responses" (the K texts; "policy" is the first), what label.py labels. `chosen` is the
 dataset's reference output (the SFT target, as in HALOs), null where the prompt has none. The prompts are the
 split's first `n_samples` in an order keyed by (seed, sample id) only, so every run of the same datasets samples the
 same prompts; with the same seed, settings and batch size the outputs are identical.
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -58,10 +63,11 @@ from feedbackalign.errors import (CheckpointError, ConfigError, DataError, EnvEr
 from feedbackalign.feedback import last_user_turn
 from feedbackalign.fileio import write_json_atomic
 
-DEFAULTS = {"mode": "sample", "n_samples": 128, "samples_dir": "samples", "split": "test", "checkpoint": "policy",
-            "backend": "hf", "temperature": 0.7, "top_p": 0.95, "max_new_tokens": None, "control_token": None,
+DEFAULTS = {"mode": "sample", "n_samples": 128, "n_responses": 1, "samples_dir": "samples", "split": "test",
+            "checkpoint": "policy", "backend": "auto", "temperature": 0.7, "top_p": 0.95, "max_new_tokens": None, "control_token": None,
             "alpaca_eval": False}
-MODES, BACKENDS, SPLITS = ("sample", "eval"), ("hf", "vllm"), ("train", "test")
+MODES, BACKENDS, SPLITS = ("sample", "eval"), ("auto", "hf", "vllm"), ("train", "test")
+BASE_CHECKPOINT = "base"  # checkpoint=base: the config's own model (model.name_or_path + model.load_from)
 MAX_NEW_TOKENS = 512  # cap of the default budget (model.max_length - prompt length)
 USAGE = "usage: python eval.py --config-path=<run_dir> [++key=value ...]   (python eval.py --help for the keys)"
 
@@ -122,6 +128,9 @@ def check_settings(cfg: DictConfig) -> None:
         ("temperature", _number(cfg.temperature) and cfg.temperature >= 0, "a number >= 0 (0 = greedy)"),
         ("top_p", _number(cfg.top_p) and 0 < cfg.top_p <= 1, "a number in (0, 1]"),
         ("n_samples", cfg.n_samples is None or _positive_int(cfg.n_samples), "a positive integer or null"),
+        ("n_responses", _positive_int(cfg.n_responses), "a positive integer (responses per prompt)"),
+        ("n_responses", cfg.n_responses == 1 or not _number(cfg.temperature) or cfg.temperature > 0,
+         "1 with temperature=0 (greedy decoding gives K identical responses), or set temperature > 0"),
         ("max_new_tokens", cfg.max_new_tokens is None or _positive_int(cfg.max_new_tokens),
          "a positive integer or null"),
         ("model.eval_batch_size", _positive_int(cfg.model.eval_batch_size), "a positive integer"),
@@ -145,6 +154,9 @@ def _positive_int(x) -> bool:
 def checkpoint_path(checkpoint: str, run_dir: Path) -> Path:
     """The weights `checkpoint` names: LATEST/policy.pt (`policy`), the LATEST/hf export (`hf`), or a path to a
     policy.pt, a directory holding one, or a save_pretrained directory (a model, or a peft adapter)."""
+    if checkpoint == BASE_CHECKPOINT:
+        raise CheckpointError("checkpoint=base is the config's own model, for mode=sample; mode=eval evaluates a "
+                              "trained checkpoint: policy, hf or a path to a policy.pt")
     if checkpoint in ("policy", "hf"):
         latest = run_dir / "LATEST"
         if not (latest / "policy.pt").is_file():
@@ -170,12 +182,15 @@ def is_export(path: Path) -> bool:
     return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
-def load_policy(cfg, tokenizer, path: Path, device, merge_lora: bool):
+def load_policy(cfg, tokenizer, path: Path | None, device, merge_lora: bool):
     """The trained policy in eval mode, from a model export; a peft adapter export on the run's base (LoRA); or
     the run's model with the weights of a HALOs-style policy.pt (plain, LoRA merged; peft-named weights get the
-    adapters back). `merge_lora` folds adapters in (sampling; never mode=eval: its LoRA reference is the policy
-    with adapters disabled)."""
-    if (path / "config.json").is_file():
+    adapters back); path None (checkpoint=base): the config's own model with its model.load_from. `merge_lora`
+    folds adapters in (sampling; never mode=eval: its LoRA reference is the policy with adapters disabled)."""
+    if path is None:
+        policy = builders.build_policy(cfg, tokenizer, device, lora=False, in_4bit=False,
+                                       activation_checkpointing=False)
+    elif (path / "config.json").is_file():
         policy = models.build_model(str(path), models.torch_dtype(cfg.model.policy_dtype),
                                     attn_implementation=cfg.model.attn_implementation).to(device)
     elif path.is_dir():
@@ -310,8 +325,10 @@ def generate_hf(policy, tokenizer, prompt_ids: list[list[int]], budgets: list[in
     return outputs
 
 
-def generate_vllm(model_dir: Path, tokenizer, prompt_ids: list[list[int]], budgets: list[int], cfg) -> list[list[int]]:
-    """vLLM over a save_pretrained export, fed the same token ids as the hf backend; needs CUDA and vllm."""
+def generate_vllm(model_dir: Path, tokenizer, prompt_ids: list[list[int]], budgets: list[int], cfg,
+                  n_responses: int = 1) -> list[list[int]]:
+    """vLLM over a save_pretrained export, fed the same token ids as the hf backend; needs CUDA and vllm. Returns
+    `n_responses` outputs per prompt, a prompt's consecutively (vLLM's `n`)."""
     missing = [] if torch.cuda.is_available() else ["a CUDA GPU (none is visible)"]
     try:
         from vllm import LLM, SamplingParams
@@ -321,10 +338,39 @@ def generate_vllm(model_dir: Path, tokenizer, prompt_ids: list[list[int]], budge
         raise EnvError(f"backend=vllm needs {' and '.join(missing)}: use backend=hf")
     greedy, stops = cfg.temperature == 0, stop_ids(tokenizer)
     llm = LLM(model=str(model_dir), seed=cfg.seed, dtype=str(models.compute_dtype(cfg.model)).removeprefix("torch."))
-    params = [SamplingParams(temperature=float(cfg.temperature), top_p=1.0 if greedy else float(cfg.top_p),
-                             max_tokens=b, stop_token_ids=stops, seed=cfg.seed + k) for k, b in enumerate(budgets)]
+    params = [SamplingParams(n=n_responses, temperature=float(cfg.temperature), top_p=1.0 if greedy else
+                             float(cfg.top_p), max_tokens=b, stop_token_ids=stops, seed=cfg.seed + k)
+              for k, b in enumerate(budgets)]
     results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=True)
-    return [cut(list(r.outputs[0].token_ids), b, stops) for r, b in zip(results, budgets)]
+    return [cut(list(o.token_ids), b, stops) for r, b in zip(results, budgets) for o in r.outputs]
+
+
+def vllm_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+
+
+def full_model_dir(cfg, run_dir: Path, path: Path | None):
+    """The full save_pretrained model (or hub name) vLLM can load for this checkpoint, else None: LATEST/hf for
+    checkpoint=policy, the checkpoint's own directory, or model.name_or_path for checkpoint=base without
+    model.load_from."""
+    if cfg.checkpoint == BASE_CHECKPOINT:
+        name = str(cfg.model.name_or_path)
+        return None if cfg.model.load_from or name in (models.TINY_NAME, models.RANDOM_NAME) else Path(name)
+    if cfg.checkpoint == "policy":
+        path = run_dir / "LATEST" / "hf"
+    return path.resolve() if (path / "config.json").is_file() else None
+
+
+def sampling_plan(cfg, run_dir: Path | None) -> tuple[str, Path | None, Path | None]:
+    """(backend, the weights' path (None for checkpoint=base), the full model directory vLLM loads or None)."""
+    path = None if cfg.checkpoint == BASE_CHECKPOINT else checkpoint_path(cfg.checkpoint, run_dir)
+    full = full_model_dir(cfg, run_dir, path)
+    backend = cfg.backend if cfg.backend != "auto" else "vllm" if full is not None and vllm_available() else "hf"
+    if backend == "vllm" and full is None:
+        raise ConfigError(f"backend=vllm loads a full save_pretrained model, and checkpoint={cfg.checkpoint} is a "
+                          f"policy.pt, a peft adapter or model.load_from weights ({path or cfg.model.load_from}): "
+                          "use backend=hf")
+    return backend, path, full
 
 
 # ---------------------------------------------------------------- the two modes
@@ -338,13 +384,11 @@ def device_of() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def sample(cfg, run_dir: Path) -> Path:
-    """Sample the policy on the split's prompts and write the samples file (and the AlpacaEval file)."""
-    vllm = cfg.backend == "vllm"
-    path = checkpoint_path("hf" if vllm and cfg.checkpoint == "policy" else cfg.checkpoint, run_dir)
-    if vllm and not (path / "config.json").is_file():
-        raise ConfigError(f"backend=vllm loads a full save_pretrained model, and checkpoint={cfg.checkpoint} is a "
-                        f"policy.pt or a peft adapter ({path}): use backend=hf")
+def sample(cfg, run_dir: Path | None, out: Path | None = None) -> Path:
+    """Sample the policy on the split's prompts, `n_responses` each, and write the samples file (default
+    <samples_dir>/<exp_name>.json) and the AlpacaEval file."""
+    backend, path, full = sampling_plan(cfg, run_dir)
+    k = int(cfg.n_responses)
     tokenizer = builders.build_tokenizer(cfg)
     examples = eval_examples(cfg, cfg.split, cfg.n_samples)
     if cfg.alpaca_eval and "alpacaeval" in cfg.datasets:
@@ -352,20 +396,25 @@ def sample(cfg, run_dir: Path) -> Path:
     prompts = prompt_texts(cfg, tokenizer, examples)
     ids = encode(tokenizer, prompts, cfg.model.max_prompt_length)
     budgets = token_budgets(cfg, ids)
-    if vllm:
-        output_ids = generate_vllm(path, tokenizer, ids, budgets, cfg)
+    if backend == "vllm":
+        output_ids = generate_vllm(full, tokenizer, ids, budgets, cfg, n_responses=k)
     else:
         policy = load_policy(cfg, tokenizer, path, device_of(), merge_lora=True)
-        output_ids = generate_hf(policy, tokenizer, ids, budgets, cfg)
+        output_ids = generate_hf(policy, tokenizer, [x for x in ids for _ in range(k)],
+                                 [b for b in budgets for _ in range(k)], cfg)
     outputs = [decode(tokenizer, x) for x in output_ids]
     samples = []
-    for (sid, ex), prompt, output in zip(examples, prompts, outputs):
+    for n, ((sid, ex), prompt) in enumerate(zip(examples, prompts)):
         target = dataloader.sft_target(ex)
-        samples.append({"id": sid, "prompt": prompt, "prompt_turns": ex.prompt, "policy": output,
+        responses = outputs[n * k: (n + 1) * k]
+        samples.append({"id": sid, "prompt": prompt, "prompt_turns": ex.prompt, "policy": responses[0],
+                        **({"responses": responses} if k > 1 else {}),
                         "chosen": ex.generations[target] if target is not None else None,
                         "dataset": ex.dataset_name})
-    out = Path(cfg.samples_dir) / f"{cfg.exp_name}.json"
-    write_json_atomic(out, {"sampled_at": now(), "exp_name": cfg.exp_name, "checkpoint": str(path),
+    out = Path(out) if out is not None else Path(cfg.samples_dir) / f"{cfg.exp_name}.json"
+    source = str(path) if path is not None else f"base: {cfg.model.name_or_path}" + \
+        (f" + {cfg.model.load_from}" if cfg.model.load_from else "")
+    write_json_atomic(out, {"sampled_at": now(), "exp_name": cfg.exp_name, "checkpoint": source,
                             "config": OmegaConf.to_container(cfg, resolve=True), "samples": samples})
     if cfg.alpaca_eval:
         write_json_atomic(out.with_name(f"{cfg.exp_name}.alpaca_eval.json"), [

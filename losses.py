@@ -446,3 +446,62 @@ def ppo_loss(policy_token_logps, reference_token_logps, values, masks, scores, g
     kl_penalty = _masked_mean(log_ratio, mask)
     loss = policy_loss + critic_coef * critic_loss + kl_coef * kl_penalty
     return loss, policy_loss.detach(), critic_loss.detach(), kl_penalty.detach()
+
+
+# ----------------------------------------------------------------------------------------------- reward model
+
+
+def bradley_terry_loss(chosen_scores, rejected_scores):
+    """Bradley-Terry reward model (Bradley & Terry 1952; the RLHF reward model of Ouyang et al. 2022, Eq. 1;
+    HALOs BradleyTerryTrainer): P(y_c ≻ y_r) = σ(s_c - s_r), loss = -logσ(s_c - s_r) on scalar scores (B,).
+    Returns (losses (B,), chosen scores, rejected scores), scores detached."""
+    _check_same_shape("bradley_terry_loss", chosen_scores=chosen_scores, rejected_scores=rejected_scores)
+    losses = -F.logsigmoid(chosen_scores - rejected_scores)
+    return losses, chosen_scores.detach(), rejected_scores.detach()
+
+
+# ----------------------------------------------------------------------------------------------- GRPO
+
+
+def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+    """Group-relative advantages (Shao et al. 2024, "DeepSeekMath", Sec. 4.1.2; HALOs GRPOTrainer):
+    A_k = (r_k - mean(r)) / (std(r) + eps) over each row's K responses, std the population one (HALOs'
+    np.std), eps = 0.01 as HALOs. Equal rewards give A = 0. rewards (B, K) -> (B, K), no gradient."""
+    rewards = rewards.detach()
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise DataError(f"losses.grpo_advantages: rewards must be (B, K) with K >= 2 responses per prompt, got "
+                        f"{tuple(rewards.shape)}; GRPO needs several scored responses per prompt")
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, unbiased=False, keepdim=True)
+    return (rewards - mean) / (std + eps)
+
+
+def grpo_loss(policy_token_logps, reference_token_logps, masks, advantages, beta: float, epsilon: float):
+    """GRPO (Shao et al. 2024, "DeepSeekMath", Eq. 3) as HALOs' main branch computes it, with the reference as
+    the old policy: token tensors (N, T), a bool mask, one advantage per sequence (N,);
+    r_t = exp(p_t - q_t);  surrogate_t = min(A r_t, A clip(r_t, 1 - ε, 1 + ε));
+    kl_t = exp(q_t - p_t) - (q_t - p_t) - 1 (the unbiased, non-negative estimator of KL(π ‖ π_ref), DeepSeekMath
+    Eq. 4);  loss = mean over every masked token of the batch of (-surrogate_t + β kl_t) (HALOs' token mean;
+    DeepSeekMath averages per sequence first).
+    Returns (loss with gradient, kl mean, clip fraction: tokens whose clipped term is the active one), the last
+    two detached."""
+    where = "grpo_loss"
+    _check_same_shape(where, policy_token_logps=policy_token_logps, reference_token_logps=reference_token_logps,
+                      masks=masks)
+    mask = masks.bool()
+    if policy_token_logps.dim() != 2 or tuple(advantages.shape) != (mask.shape[0],):
+        raise DataError(f"losses.{where}: token tensors must be (N, T) and advantages (N,), got "
+                        f"{tuple(policy_token_logps.shape)} and {tuple(advantages.shape)}")
+    if not bool(mask.any()):
+        raise DataError(f"losses.{where}: no response token in the mask; check max_length truncation")
+    _check_positive(where, "epsilon", epsilon)
+    log_ratio = torch.where(mask, policy_token_logps - reference_token_logps.detach(),
+                            torch.zeros_like(policy_token_logps))
+    ratio = torch.exp(log_ratio)
+    adv = advantages.detach().to(ratio.dtype).unsqueeze(-1)
+    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon)
+    surrogate = torch.min(adv * ratio, adv * clipped)
+    kl = torch.exp(-log_ratio) + log_ratio - 1.0
+    loss = _masked_mean(-surrogate + beta * kl, mask)
+    clip_active = ((ratio > 1.0 + epsilon) & (adv > 0)) | ((ratio < 1.0 - epsilon) & (adv < 0))
+    return loss, _masked_mean(kl, mask).detach(), _masked_mean(clip_active.to(ratio.dtype), mask).detach()

@@ -11,6 +11,7 @@ metering, logging, checkpoints, resume) is BasicTrainer's. Extra trained modules
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -26,10 +27,10 @@ from dataloader import PromptFormat
 from feedbackalign import chat_templates, checkpoints, distributed, run_summary, throughput
 from feedbackalign.throughput import TIMING_METRICS  # noqa: F401 (the metrics that depend on the wall clock)
 from feedbackalign.batches import Batch
-from feedbackalign.errors import TrainingError
+from feedbackalign.errors import ConfigError, TrainingError
 from feedbackalign.fileio import write_json_atomic
 from feedbackalign.logprobs import TokenLogps, sequence_logps
-from feedbackalign.models import compute_dtype, is_lora
+from feedbackalign.models import compute_dtype, is_lora, is_quantized
 from feedbackalign.progress import progress
 
 Logps = dict[str, TokenLogps]  # batch part name -> its rows' log-probs
@@ -48,6 +49,7 @@ class BasicTrainer:
     loss_parts: tuple[str, ...] | None = None   # batch parts the loss forward scores (None: every part)
     reference_parts: tuple[str, ...] | None = None  # parts ever scored by the reference (the cache pass's share)
     needs_hidden: bool = False                  # the loss reads the last hidden state (a head on the policy)
+    score_head: str | None = None               # a head that scores sequences: the export is a sequence classifier
 
     @classmethod
     def make_heads(cls, policy) -> dict[str, torch.nn.Module]:
@@ -342,7 +344,7 @@ class BasicTrainer:
                          world_size=self.world_size, keep=cfg.keep_checkpoints,
                          consolidate=not intermediate or cfg.consolidate_checkpoints == "all",
                          export=cfg.export_hf and not intermediate, merge_lora=cfg.model.lora.merge_on_export,
-                         chat_template=template)
+                         chat_template=template, score_head=self.score_head)
 
     def resume_from(self, run_dir) -> None:
         """Policy, heads, optimizer, scheduler, RNG, step and data position from run_dir/LATEST; metrics logged
@@ -584,3 +586,79 @@ class PPOTrainer(BasicTrainer):
             c.critic_coef, c.kl_coef)
         return loss, {"loss": loss.detach().reshape(1), "loss/policy": policy_loss.detach().reshape(1),
                       "loss/critic": critic_loss.detach().reshape(1), "kl": kl.detach().reshape(1)}
+
+
+class RewardModelTrainer(PairedPreferenceTrainer):
+    """Bradley-Terry reward model (Ouyang et al. 2022, Eq. 1; HALOs' BradleyTerryTrainer): a linear `score` head
+    on the policy's last hidden state, trained on pairs with -logσ(s_c - s_r); reports accuracy and margin.
+
+    A sequence's score is read at the last position that predicts one of its response tokens: the response's
+    final text token when it ends with EOS, which is what AutoModelForSequenceClassification reads given the
+    prompt and the response without EOS (HALOs' reward model reads there too: its pad token is EOS). The final
+    export (LATEST/hf) is that sequence classifier: the backbone and this head (checkpoints.save's score_head),
+    with the prompt format and lengths in its config (`feedbackalign_reward_input`, read by the rm labeler).
+    At 7B the LM head's logits at response positions are still computed by the shared forward (about 2% of the
+    FLOPs at a 32k vocabulary) and unused."""
+
+    needs_hidden = True
+    score_head = "score"
+
+    @classmethod
+    def make_heads(cls, policy) -> dict[str, torch.nn.Module]:
+        """The scalar score head, as a sequence classifier's (no bias), initialised small."""
+        if is_quantized(policy):
+            raise ConfigError("loss=rm exports a sequence classifier with the adapters merged, which a 4-bit base "
+                              "cannot hold: set model.lora.load_in_4bit=false")
+        hidden = policy.config.hidden_size
+        head = torch.nn.Linear(hidden, 1, bias=False)
+        torch.nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1))
+        return {cls.score_head: head.to(next(policy.parameters()).device)}
+
+    def __init__(self, config, tokenizer, policy, *args, **kwargs):
+        super().__init__(config, tokenizer, policy, *args, **kwargs)
+        model = policy.get_base_model() if is_lora(policy) else policy
+        model.config.feedbackalign_reward_input = {
+            "score_position": "last response text token (input: prompt + response, no EOS)",
+            "max_length": config.model.max_length, "max_prompt_length": config.model.max_prompt_length,
+            "prompt_format": dataclasses.asdict(PromptFormat.from_config(config.model))}
+
+    def sequence_scores(self, logps: TokenLogps) -> torch.Tensor:
+        """(N,) scores: the head on the hidden state that predicts each row's last response token."""
+        head = self.heads[self.score_head]
+        rows = torch.arange(logps.mask.shape[0], device=logps.mask.device)
+        hidden = logps.hidden[rows, logps.counts - 1]
+        return head(hidden.to(head.weight.dtype)).squeeze(-1)
+
+    def pair_loss(self, chosen, rejected, ref_chosen, ref_rejected):
+        return losses.bradley_terry_loss(self.sequence_scores(chosen), self.sequence_scores(rejected))
+
+
+class GRPOTrainer(BasicTrainer):
+    """GRPO (Shao et al. 2024) as in HALOs' main branch: K responses per prompt with rewards (the K-response
+    loader keeps a prompt's group in one microbatch), group-relative advantages, a clipped token ratio to the
+    reference as the old policy, and a KL penalty to it. In loop.py with `reference=round` the reference is the
+    round's sampling policy, so the ratio is GRPO's pi / pi_old. Logged: HALOs' KL, clip fraction, mean reward and
+    |advantage|, and the best and worst response's log-ratio log pi/pi_ref as rewards/chosen and rewards/rejected
+    (with their margin and accuracy, as the K-wise losses report)."""
+
+    batch_kind = "groups"
+    default_dataloader = "RewardDataLoader"
+    uses_reference = True
+
+    def loss(self, batch, policy, reference, context):
+        rewards = batch.values["rewards"].to(self.device)
+        responses = policy["responses"]
+        advantages = losses.grpo_advantages(rewards).reshape(-1).to(responses.token_logps.dtype)
+        c = self.config.loss
+        loss, kl, clipped = losses.grpo_loss(responses.token_logps,
+                                             reference["responses"].token_logps.to(responses.token_logps.dtype),
+                                             responses.mask, advantages, c.beta, c.epsilon)
+        b, k = rewards.shape
+        log_ratios = (responses.sums - reference["responses"].sums.to(responses.sums.dtype)).detach().view(b, k)
+        best, worst = rewards.argmax(-1, keepdim=True), rewards.argmin(-1, keepdim=True)
+        sums = responses.sums.detach().view(b, k)
+        metrics = preference_metrics(log_ratios.gather(1, best).squeeze(1), log_ratios.gather(1, worst).squeeze(1),
+                                     sums.gather(1, best).squeeze(1), sums.gather(1, worst).squeeze(1))
+        return loss, {**metrics, "loss": loss.detach().reshape(1), "kl": kl.reshape(1),
+                      "clip_fraction": clipped.reshape(1), "rewards/mean": rewards.mean(-1),
+                      "advantages/abs": advantages.detach().abs()}

@@ -27,6 +27,8 @@ from feedbackalign import chat_templates, checkpoints, distributed, getters, mod
 from feedbackalign.configuration import as_dict
 from feedbackalign.errors import ConfigError, EnvError, SettingWarning
 
+BASE_WEIGHTS = "base"  # model.reference_load_from=base: the reference is the base model, without model.load_from
+
 # ---------------------------------------------------------------- classes named by the loss config
 
 
@@ -248,16 +250,33 @@ def load_4bit(cfg: DictConfig, device: torch.device):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(m.activation_checkpointing))
 
 
-def build_reference(cfg: DictConfig, tokenizer, device: torch.device, *, policy, policy_is_initial: bool):
-    """The frozen reference: the run's starting weights (model.load_from, else the base) in reference_dtype;
-    a copy of `policy` when it still holds them (`policy_is_initial`), else rebuilt. None when the loss needs no
-    reference or `policy` is a LoRA model (its reference is itself with adapters disabled: no second model)."""
+def reference_source(cfg: DictConfig, policy) -> str | None:
+    """model.reference_load_from as build_policy's `load_from` ("" for `base`: the base model's own weights), or
+    None when the reference is the policy's starting weights. A LoRA run's reference is its base with adapters
+    disabled, so the key is refused there."""
+    source = cfg.model.get("reference_load_from")
+    if source is None or not trainer_class(cfg).uses_reference:
+        return None
+    if models.is_lora(policy):
+        raise ConfigError(f"model.reference_load_from={source} needs full fine-tuning: a LoRA run's reference is "
+                          "its base with adapters disabled; set model.lora.enabled=false or drop the key")
+    return "" if source == BASE_WEIGHTS else str(source)
+
+
+def build_reference(cfg: DictConfig, tokenizer, device: torch.device, *, policy, policy_is_initial: bool,
+                    empty: bool = False):
+    """The frozen reference in reference_dtype: the run's starting weights (model.load_from, else the base), or
+    model.reference_load_from's (a policy.pt, or `base`: loop.py's reference=start); a copy of `policy` when it
+    still holds them (`policy_is_initial`), else built (`empty`: on the meta device, as build_policy). None when
+    the loss needs no reference or `policy` is a LoRA model (its reference is itself with adapters disabled)."""
+    source = reference_source(cfg, policy)
     if not trainer_class(cfg).uses_reference or models.is_lora(policy):
         return None
-    if policy_is_initial:
+    if policy_is_initial and source is None:
         reference = copy.deepcopy(policy)  # on the meta device when `policy` is (then filled from its shards)
     else:
-        reference = build_policy(cfg, tokenizer, device, lora=False, activation_checkpointing=False)
+        reference = build_policy(cfg, tokenizer, device, load_from=source, lora=False, activation_checkpointing=False,
+                                 empty=empty)
     models.cast_parameters(reference, precision(cfg).frozen)
     reference.eval()
     return reference.requires_grad_(False)
@@ -313,22 +332,36 @@ def whole_models(cfg: DictConfig, tokenizer, policy, device: torch.device, *, wo
 def sharded_models(cfg: DictConfig, tokenizer, policy, device: torch.device, *, world_size: int, caching: bool):
     """FSDP2: every rank shards an empty copy of the policy and receives rank 0's tensors into its shards, one
     tensor at a time; the reference's shards are then copied on each rank from the policy's, cast to
-    reference_dtype (no second read, broadcast or host copy)."""
+    reference_dtype (no second read, broadcast or host copy). With model.reference_load_from the reference has
+    weights of its own: rank 0 reads them and they reach its shards the way the policy's do."""
     p = precision(cfg)
-    # the reference is the policy's starting weights in reference_dtype (LoRA: its base, already stored so)
-    identity = ref_cache.reference_identity(policy, world_size, dtype=None if models.is_lora(policy) else p.frozen) \
-        if caching else None
-    state = policy.state_dict() if not next(policy.parameters()).is_meta else {}  # rank 0's one full copy
+    empty = next(policy.parameters()).is_meta
+    if reference_source(cfg, policy) is not None:   # other weights than the policy's: read by rank 0 as well
+        reference = build_reference(cfg, tokenizer, torch.device("cpu"), policy=policy, policy_is_initial=True,
+                                    empty=empty)
+        identity = ref_cache.reference_identity(reference, world_size) if caching else None
+        reference_state = reference.state_dict() if not empty else {}
+        models.to_meta(reference)
+    else:
+        # the reference is the policy's starting weights in reference_dtype (LoRA: its base, already stored so)
+        identity = ref_cache.reference_identity(policy, world_size,
+                                                dtype=None if models.is_lora(policy) else p.frozen) if caching else None
+        reference, reference_state = None, None
+    state = policy.state_dict() if not empty else {}  # rank 0's one full copy
     buffers = distributed.buffers_of(policy)
     models.to_meta(policy)
-    reference = build_reference(cfg, tokenizer, device, policy=policy, policy_is_initial=True)
+    if reference is None:
+        reference = build_reference(cfg, tokenizer, device, policy=policy, policy_is_initial=True)
     distributed.shard(policy, device, cfg.model.block_name, p.compute)
     distributed.load_from_rank0(policy, state, device, buffers)
     del state
     if reference is not None:
         distributed.shard(reference, device, cfg.model.block_name, p.compute)
-        distributed.materialize(reference, device, buffers)
-        reference.load_state_dict(policy.state_dict())  # this rank's policy shards -> its reference shards
+        if reference_state is not None:
+            distributed.load_from_rank0(reference, reference_state, device, buffers)
+        else:
+            distributed.materialize(reference, device, buffers)
+            reference.load_state_dict(policy.state_dict())  # this rank's policy shards -> its reference shards
     return policy, reference, identity
 
 

@@ -30,6 +30,7 @@ allowlist (`SafeReader`), policy.pt with torch.load(weights_only=True), everythi
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
@@ -165,21 +166,25 @@ def by_module(full: dict) -> dict[str, dict]:
 
 
 def export_hf(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: bool = True,
-              chat_template=None) -> None:
-    """save_pretrained export loadable with plain AutoModelForCausalLM (LoRA merged), or the peft adapter; the
-    tokenizer is saved carrying `chat_template` (the template the run used: chat_templates.export_template).
-    Without transformers' "Writing model shards" bar: the run's summary names the export."""
+              chat_template=None, score: dict | None = None) -> None:
+    """save_pretrained export loadable with plain AutoModelForCausalLM (LoRA merged), or the peft adapter; with a
+    `score` head's state, an AutoModelForSequenceClassification (a reward model) instead. The tokenizer is saved
+    carrying `chat_template` (the template the run used: chat_templates.export_template). Without transformers'
+    "Writing model shards" bar: the run's summary names the export."""
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        save_export(model, tokenizer, plain, state, out_dir, merge, chat_template)
+        save_export(model, tokenizer, plain, state, out_dir, merge, chat_template, score)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
 
 
-def save_export(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: bool, chat_template) -> None:
-    if is_lora(model):
+def save_export(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: bool, chat_template,
+                score: dict | None) -> None:
+    if score is not None:
+        export_sequence_classifier(model, tokenizer, plain, score, out_dir)
+    elif is_lora(model):
         if merge:
             model.get_base_model().save_pretrained(out_dir, state_dict=plain, safe_serialization=True)
         else:
@@ -191,6 +196,24 @@ def save_export(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge
         tokenizer.save_pretrained(out_dir)
     finally:
         tokenizer.chat_template = used
+
+
+def export_sequence_classifier(model, tokenizer, plain: dict, score: dict, out_dir: Path) -> None:
+    """A reward model's export: AutoModelForSequenceClassification (num_labels=1) holding the policy's backbone
+    weights (LoRA merged) and the trained score head; built on the meta device and filled with these tensors, so
+    no second copy of the weights is allocated. (export_hf saves the tokenizer.)"""
+    from transformers import AutoModelForSequenceClassification
+
+    base = model.get_base_model() if is_lora(model) else model
+    config = copy.deepcopy(base.config)
+    config.num_labels, config.pad_token_id, config.architectures = 1, tokenizer.pad_token_id, None
+    with torch.device("meta"):
+        classifier = AutoModelForSequenceClassification.from_config(config)
+    prefix = classifier.base_model_prefix + "."
+    weights = {k: v for k, v in plain.items() if k.startswith(prefix)}
+    weights["score.weight"] = score["weight"].reshape(1, -1).to(next(iter(weights.values())).dtype)
+    classifier.load_state_dict(weights, strict=True, assign=True)
+    classifier.save_pretrained(out_dir, safe_serialization=True)
 
 
 # ---------------------------------------------------------------- save
@@ -226,11 +249,12 @@ def sharded_state(state: TrainState, optimizer: bool) -> tuple[dict, list | None
 
 def save(run_dir, state: TrainState, *, tokenizer, rank: int = 0, world_size: int = 1, keep: int = 2,
          consolidate: bool = False, export: bool = False, merge_lora: bool = True,
-         chat_template=None) -> Path | None:
+         chat_template=None, score_head: str | None = None) -> Path | None:
     """Write a checkpoint of `state` atomically: every rank writes its shards (DCP) into the temporary directory
     rank 0 named, rank 0 adds the JSON state (and, with `consolidate`, policy.pt gathered from every rank;
     `export` the save_pretrained export hf/, LoRA merged unless `merge_lora` is false, its tokenizer carrying
-    `chat_template`), then renames it and moves LATEST. Returns the checkpoint directory on rank 0."""
+    `chat_template`; with `score_head`, the name of a head scoring sequences, that export is a sequence
+    classifier), then renames it and moves LATEST. Returns the checkpoint directory on rank 0."""
     full = get_model_state_dict(state.modules, options=FULL) if consolidate else None
     sharded, param_groups = sharded_state(state, optimizer=bool(state.optimizer.state))
     rng = [None] * world_size
@@ -254,23 +278,24 @@ def save(run_dir, state: TrainState, *, tokenizer, rank: int = 0, world_size: in
         progress = {**state.progress, "rng": rng, "scheduler": state.scheduler.state_dict(),
                     "optimizer": param_groups}
         final_dir = _write(Path(run_dir), tmp[0], state, full, progress, tokenizer=tokenizer, keep=keep,
-                           export=export, merge_lora=merge_lora, chat_template=chat_template)
+                           export=export, merge_lora=merge_lora, chat_template=chat_template, score_head=score_head)
     _barrier(world_size)
     return final_dir
 
 
 def _write(run_dir: Path, tmp: Path, state: TrainState, full: dict | None, progress: dict, *, tokenizer, keep: int,
-           export: bool, merge_lora: bool, chat_template=None) -> Path:
+           export: bool, merge_lora: bool, chat_template=None, score_head: str | None = None) -> Path:
     """Rank 0: the JSON state and the consolidated files into `tmp`, then fsync, rename, LATEST, prune."""
     (tmp / STATE_FILE).write_text(json.dumps(progress))
     if full is not None:
-        policy_state = by_module(full)[POLICY]
+        modules = by_module(full)
+        policy_state = modules[POLICY]
         lora, quantized = is_lora(state.policy), is_quantized(state.policy)
         plain = merged_state(policy_state, lora_scalings(state.policy)) if lora and not quantized else policy_state
         torch.save({"step_idx": state.progress["examples_seen"], "state": plain, "metrics": {}}, tmp / "policy.pt")
         if export:
             export_hf(state.policy, tokenizer, plain, policy_state, tmp / "hf", merge=merge_lora and not quantized,
-                      chat_template=chat_template)
+                      chat_template=chat_template, score=modules[score_head] if score_head else None)
     _fsync_tree(tmp)
     root = run_dir / "checkpoints"
     final_dir = _free_name(root, int(state.progress["step"]))

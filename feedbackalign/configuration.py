@@ -29,7 +29,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 # Nodes whose keys are options of something the config names, checked (with the valid ones listed) by that reader:
 # dataset_options.<dataset>.<option> by the dataset getters, loss.data.<option> by the loss's DataLoader.
 OPEN_NODES = ("dataset_options", "loss.data")
-TRAIN_KEYS_HINT = "`python train.py loss=<name> --cfg job` prints every key"
+TRAIN_KEYS_HINT = "the command with --cfg job added prints every key"
 
 
 def compose(overrides: list[str], config_dir: Path = CONFIG_DIR, config_name: str = "config", *,

@@ -4,6 +4,7 @@
     python -m showcase.demo --quick          # a smoke test of every stage in a few minutes (tests/test_demo.py)
     python -m showcase.demo --runs dpo,nca   # only some alignment runs (SFT always runs: their starting point)
     python -m showcase.demo --set nca:loss.beta=0.1 --set dpo:lr=2e-4    # extra train.py overrides for one loss
+    python -m showcase.demo --online none    # without the online section (loop.py)
 
 The CPU-scale analogue of the DPO paper's controlled experiment (Rafailov et al. 2023, Sec. 6.1): the built-in
 `wordsort` task (task.py) has a known true reward, so the demo measures how much each loss raises it over SFT.
@@ -13,7 +14,12 @@ Every step runs a project entry point as a subprocess, exactly as a user would:
 2. `train.py loss=<L> model.load_from=<sft run>/LATEST/policy.pt`: each alignment loss from that checkpoint;
 3. `eval.py ++mode=sample`: every model answers the same held-out test prompts;
 4. `compare.py` (only with a judge: $OPENAI_BASE_URL or --judge-url): an LLM judge against the SFT answers;
-5. report.py: true rewards (task.score_samples), win rates against SFT, held-out chosen log-likelihood, plots.
+5. `loop.py loss=<L> labeler=task model.load_from=<sft run>/LATEST/policy.pt`: online CUT, NCA and DPO, rounds
+   of K=4 samples of the model's own on fresh training prompts, labelled by the task (true reward and
+   critiques), one training pass each, from the previous round's policy; after each round the same held-out
+   prompts as the offline runs;
+6. report.py: true rewards (task.score_samples), win rates against SFT, held-out chosen log-likelihood, plots,
+   and the true reward per online round next to the offline runs.
 
 Finished stages are recorded in `<out>/stages/`; a rerun skips every stage up to the first one whose command
 changed (or that never finished), so an interrupted demo resumes where it stopped. `--fresh` starts over.
@@ -48,6 +54,12 @@ RUNS.update({"dpo-beta0.1": ("dpo", ["loss.beta=0.1", "model.lr=1e-4"]),
              "nca-beta0.1": ("nca", ["loss.beta=0.1", "model.lr=1e-4"])})
 QUICK_RUNS = ("dpo", "nca", "kto", "cut")
 
+# Online loops (loop.py) from the SFT checkpoint: run name -> its loss, trained with that loss's settings (the tiny
+# model's config/tuning/tiny_<loss>.yaml, as offline). Every round samples ONLINE_K answers per training prompt (the K NCA's groups need; DPO pairs the best
+# with the worst; CUT learns from the critiques of the faulty ones); the task labels them.
+ONLINE_RUNS = {"online-cut": "cut", "online-nca": "nca", "online-dpo": "dpo"}
+ONLINE_K = 4
+
 
 def merged(*override_lists: list[str]) -> list[str]:
     """Hydra overrides with one value per key: a later KEY=VALUE replaces an earlier one in place."""
@@ -69,15 +81,21 @@ class Scale:
     n_samples: int
     batch_size: int
     max_new_tokens: int
+    online_rounds: int             # loop.py rounds after round 0
+    online_prompts: int            # training prompts sampled per round (K answers each)
+    online_epochs: int             # passes over a round's labelled samples
+    online_batch_size: int         # smaller than offline: a round has only online_prompts prompts
     options: tuple[str, ...] = field(default=())   # extra overrides for every train.py run
 
 
 FULL = Scale(sft_examples=9600, align_examples=1920, eval_every=320, n_eval_examples=200, eval_batch_size=40,
-             n_samples=200, batch_size=32, max_new_tokens=32)
+             n_samples=200, batch_size=32, max_new_tokens=32, online_rounds=3, online_prompts=128,
+             online_epochs=2, online_batch_size=16)
 # --quick is a smoke test: every stage runs, in minutes, on budgets far too small to train anything (SFT sees 192
 # examples), so its report and console say SMOKE TEST and its numbers are not results.
 QUICK = Scale(sft_examples=192, align_examples=48, eval_every=24, n_eval_examples=16, eval_batch_size=16,
-              n_samples=16, batch_size=16, max_new_tokens=16, options=("++dataset_options.wordsort.n_prompts=64",))
+              n_samples=16, batch_size=16, max_new_tokens=16, online_rounds=2, online_prompts=8,
+              online_epochs=1, online_batch_size=4, options=("++dataset_options.wordsort.n_prompts=64",))
 SMOKE_TEST = ("every stage ran, on budgets far too small to train the model; these numbers are not results. "
               "`make demo` (without --quick) gives the real comparison.")
 TEMPERATURE = 1.0      # sample the policy as trained: alignment must move the distribution, not just its mode
@@ -103,7 +121,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--runs", default=None,
                    help=f"comma-separated alignment runs (default: {','.join(RUNS)}; quick: {','.join(QUICK_RUNS)})")
     p.add_argument("--set", action="append", default=[], metavar="RUN:KEY=VALUE",
-                   help="an extra train.py override for one run (sft or an alignment run); repeatable")
+                   help="an extra train.py override for one run (sft, an alignment or an online run); repeatable")
+    p.add_argument("--online", default=None,
+                   help=f"comma-separated online loops (default: {','.join(ONLINE_RUNS)}; none: skip them)")
     p.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL"),
                    help="OpenAI-compatible judge URL for compare.py (default $OPENAI_BASE_URL; none: skipped)")
     p.add_argument("--judge", default=None, help="judge model name passed to compare.py (its default otherwise)")
@@ -120,6 +140,16 @@ def choose_runs(args) -> list[str]:
     unknown = [n for n in names if n not in RUNS]
     if unknown or not names:
         raise DemoError(f"--runs: unknown run {', '.join(unknown) or '(none given)'}; choose from {', '.join(RUNS)}")
+    return names
+
+
+def choose_online(args) -> list[str]:
+    if args.online is None:
+        return list(ONLINE_RUNS)
+    names = [n.strip() for n in args.online.split(",") if n.strip() and n.strip() != "none"]
+    unknown = [n for n in names if n not in ONLINE_RUNS]
+    if unknown:
+        raise DemoError(f"--online: unknown loop {', '.join(unknown)}; choose from {', '.join(ONLINE_RUNS)} or none")
     return names
 
 
@@ -157,6 +187,20 @@ def sample_command(name: str, scale: Scale, out: Path) -> list[str]:
             "++mode=sample", f"++n_samples={scale.n_samples}", f"++samples_dir={out / 'samples'}",
             f"++temperature={TEMPERATURE}", f"++max_new_tokens={scale.max_new_tokens}",
             f"++model.eval_batch_size={min(scale.n_samples, 64)}"]
+
+
+def loop_command(name: str, loss: str, scale: Scale, out: Path, overrides: list[str], sft_policy: Path,
+                 fresh: bool) -> list[str]:
+    """`python loop.py` for one online run: task-labelled rounds from the SFT checkpoint, evaluated on the same
+    held-out prompts, sampling settings and batches as the offline runs' eval.py stage (so round 0 is the SFT row).
+    The loop resumes itself after an interruption; --fresh starts it over."""
+    argv = [sys.executable, "loop.py", f"loss={loss}", "labeler=task", f"exp_name={name}",
+            f"cache_dir={out / 'online'}", f"model.load_from={sft_policy}", f"rounds={scale.online_rounds}",
+            f"prompts_per_round={scale.online_prompts}", f"n_responses={ONLINE_K}", f"eval_prompts={scale.n_samples}",
+            f"temperature={TEMPERATURE}", "top_p=0.95", f"max_new_tokens={scale.max_new_tokens}",
+            f"model.eval_batch_size={min(scale.n_samples, 64)}", f"model.batch_size={scale.online_batch_size}",
+            f"n_epochs={scale.online_epochs}", "export_hf=false", *scale.options]
+    return argv + (["overwrite=true"] if fresh else []) + overrides
 
 
 def judge_command(name: str, out: Path, url: str, judge: str | None) -> list[str]:
@@ -329,8 +373,10 @@ def machine(jobs: int) -> str:
             + f", torch {torch.__version__}, Python {platform.python_version()}")
 
 
-def plan(scale: Scale, out: Path, runs: list[str], overrides: dict[str, list[str]], args) -> list[Stage]:
-    """SFT, then every alignment run from its checkpoint, each model's samples, and the judge where configured."""
+def plan(scale: Scale, out: Path, runs: list[str], overrides: dict[str, list[str]], args,
+         online: list[str] = ()) -> list[Stage]:
+    """SFT, then every alignment run from its checkpoint, each model's samples, the judge where configured, and
+    the online loops."""
     def policy(name):
         return out / "runs" / name / "LATEST" / "policy.pt"
 
@@ -345,19 +391,24 @@ def plan(scale: Scale, out: Path, runs: list[str], overrides: dict[str, list[str
     if args.judge_url:
         stages += [Stage(f"judge {n}", judge_command(n, out, args.judge_url, args.judge),
                          out / "judge" / f"{n}.jsonl.summary.json", (f"sample {n}", "sample sft")) for n in runs]
+    stages += [Stage(f"online {n}", loop_command(n, ONLINE_RUNS[n], scale, out, overrides[n], policy("sft"),
+                                                 args.fresh), out / "online" / n / "rounds.jsonl", ("train sft",))
+               for n in online]
     return stages
 
 
 def run_demo(args) -> Path:
     scale = QUICK if args.quick else FULL
     runs = choose_runs(args)
+    online = choose_online(args)
     models = ["sft", *runs]
-    extra = user_overrides(args, models)
+    extra = user_overrides(args, models + online)
     if args.jobs < 1:
         raise DemoError(f"--jobs {args.jobs}: run at least one stage at a time (--jobs 1 or more)")
     out = args.out.resolve()
     overrides = {"sft": merged(extra["sft"])}
     overrides.update({n: merged(RUNS[n][1], extra[n]) for n in runs})
+    overrides.update({n: merged(RUNS[ONLINE_RUNS[n]][1], extra[n]) for n in online})
     runner = Runner(out, args.jobs, args.fresh)
     if args.quick:
         runner.say(f"SMOKE TEST (--quick): {SMOKE_TEST}")
@@ -368,16 +419,19 @@ def run_demo(args) -> Path:
     else:
         runner.say("no LLM judge configured (set OPENAI_BASE_URL or pass --judge-url): compare.py skipped; "
                    "the true reward scores every answer")
-    runner.run(plan(scale, out, runs, overrides, args))
+    runner.run(plan(scale, out, runs, overrides, args, online))
     write_json_atomic(out / "manifest.json", {
         "machine": machine(args.jobs), "runs": {n: f"runs/{n}" for n in models},
-        "losses": {"sft": "sft", **{n: RUNS[n][0] for n in runs}},
+        "losses": {"sft": "sft", **{n: RUNS[n][0] for n in runs}, **{n: ONLINE_RUNS[n] for n in online}},
         "samples": {n: f"samples/{n}.json" for n in models}, "overrides": overrides, "timings": runner.timings,
+        "online": {n: {"loss": ONLINE_RUNS[n], "dir": f"online/{n}"} for n in online},
         "judge": f"{args.judge or 'compare.py default'} at {args.judge_url}" if args.judge_url else None,
         "settings": {"quick": args.quick, "smoke_test": SMOKE_TEST if args.quick else None,
                      "n_samples": scale.n_samples, "n_logp_prompts": scale.n_eval_examples,
-                     "temperature": TEMPERATURE, "jobs": args.jobs,
-                     **{k: getattr(scale, k) for k in ("sft_examples", "align_examples", "batch_size")}},
+                     "temperature": TEMPERATURE, "jobs": args.jobs, "online_k": ONLINE_K,
+                     **{k: getattr(scale, k) for k in ("sft_examples", "align_examples", "batch_size",
+                                                       "online_rounds", "online_prompts", "online_epochs",
+                                                       "online_batch_size")}},
     })
     from showcase import report
 

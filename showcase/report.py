@@ -4,7 +4,7 @@
 
 Reads `<out>/manifest.json` (written by demo.py: run directories, samples files, settings, stage timings) and
 writes `<out>/report/`: report.md (the table), results.json, training_curves.png, chosen_logp.png and
-true_reward.png. The folder is built aside and swapped in, so a failure never leaves a half-written report.
+true_reward.png; with online loops (loop.py) also online.json and online_rounds.png. The folder is built aside and swapped in, so a failure never leaves a half-written report.
 
 Statistics (per loss, over the same held-out prompts as the SFT model):
 - mean true reward (task.true_reward, 0-10) with a 95% normal interval, mean +- 1.96 s / sqrt(n);
@@ -15,6 +15,8 @@ Statistics (per loss, over the same held-out prompts as the SFT model):
 - held-out chosen log-likelihood: mean log p(best response | prompt), summed over response tokens, on test
   prompts, minus the SFT model's: the quantity of the NCA paper's Figure 2 (Chen et al. 2024), which DPO
   lowers and NCA keeps up.
+- online loops: each round's mean true reward on the same held-out prompts (from rounds.jsonl), and the last
+  round's paired gain over SFT, computed as for the offline runs.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 import dataloader
-from feedbackalign import builders, checkpoints, models, task
+from feedbackalign import builders, checkpoints, models, online, task
 from feedbackalign.errors import DataError
 from feedbackalign.fileio import make_temporary_folder
 from feedbackalign.logprobs import sequence_logps
@@ -370,6 +372,93 @@ def plot_true_reward(rows: list[dict], path: Path) -> Figure:
     return fig
 
 
+# ---------------------------------------------------------------- the online loops
+
+
+def collect_online(out: Path, manifest: dict, base: dict[str, float]) -> list[dict]:
+    """Per online loop (loop.py): its rounds' records and its last round's answers against SFT's."""
+    rows = []
+    for name, info in manifest.get("online", {}).items():
+        layout = online.Layout(out / info["dir"])
+        records = online.read_rounds(layout)
+        if not records:
+            raise DataError(f"{layout.rounds_log} has no finished round; rerun `python -m showcase.demo` (loops resume)")
+        last = max(records)
+        rows.append({"run": name, "loss": info["loss"], "rounds": [records[i] for i in sorted(records)],
+                     "final": loss_results(name, true_rewards(layout.eval_samples(last)), base),
+                     "cpu_s": manifest["timings"].get(f"online {name}", {}).get("cpu")})
+    return rows
+
+
+def online_table(rows: list[dict], offline: list[dict]) -> str:
+    """Markdown: true reward per round (95% CI), the last round's paired gain over SFT, the offline run."""
+    n_rounds = max(len(r["rounds"]) for r in rows)
+    offline_reward = {r["run"]: r["reward"] for r in offline}
+    head = ["online run"] + [f"round {i}" + (" (SFT)" if i == 0 else "") for i in range(n_rounds)] + \
+        ["gain over SFT after the last round, paired (95% CI)", "offline run (same loss)", "prompts labelled",
+         "CPU s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["run"]]
+        for i in range(n_rounds):
+            rec = r["rounds"][i] if i < len(r["rounds"]) else None
+            cells.append("—" if rec is None else f"{rec['true_reward']:.2f} ({rec['true_reward_ci95'][0]:.2f}-"
+                                                 f"{rec['true_reward_ci95'][1]:.2f})")
+        f = r["final"]
+        cells.append(f"{f['gain']:+.2f} ({f['gain_ci95'][0]:+.2f} to {f['gain_ci95'][1]:+.2f}) {f['verdict']}")
+        cells.append(f"{r['loss']} {offline_reward[r['loss']]:.2f}" if r["loss"] in offline_reward else "—")
+        cells.append(str(sum(rec.get("items", 0) for rec in r["rounds"])))
+        cells.append("—" if r["cpu_s"] is None else f"{r['cpu_s']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def online_markdown(rows: list[dict], offline: list[dict], manifest: dict) -> str:
+    s = manifest["settings"]
+    return "\n".join([
+        "",
+        "## Online: rounds of the model's own samples, labelled by the task",
+        "",
+        f"Each loop (`loop.py ... labeler=task`) starts from the SFT checkpoint. A round samples "
+        f"{s['online_k']} answers to each of {s['online_prompts']} fresh training prompts from the current policy, "
+        f"labels them with the task's true reward and critiques, trains {s['online_epochs']} pass(es) over them "
+        f"(batches of {s['online_batch_size']}) with the loss (the offline run's settings, its reference the round's "
+        "starting policy) from the previous "
+        f"round's policy, then answers the same {s['n_samples']} held-out prompts as the table above; round 0 is "
+        "the SFT model's answers.",
+        "",
+        online_table(rows, offline),
+        "",
+        "![true reward per online round](online_rounds.png)",
+        "",
+    ])
+
+
+def plot_online(rows: list[dict], offline: list[dict], path: Path) -> None:
+    """True reward per round (95% CI) of each online loop; its loss's offline run as a dashed line of the same
+    colour, the SFT model as a dotted grey one."""
+    fig = Figure(figsize=(6.0, 3.8))
+    ax = fig.subplots()
+    offline_reward = {r["run"]: r["reward"] for r in offline}
+    for k, r in enumerate(rows):
+        colour = f"C{k}"
+        rounds = [rec["round"] for rec in r["rounds"]]
+        means = [rec["true_reward"] for rec in r["rounds"]]
+        errors = [[m - rec["true_reward_ci95"][0] for m, rec in zip(means, r["rounds"])],
+                  [rec["true_reward_ci95"][1] - m for m, rec in zip(means, r["rounds"])]]
+        ax.errorbar(rounds, means, yerr=errors, marker="o", capsize=3, color=colour, label=r["run"])
+        if r["loss"] in offline_reward:
+            ax.axhline(offline_reward[r["loss"]], color=colour, ls="--", lw=1, label=f"{r['loss']} (offline)")
+    ax.axhline(offline[0]["reward"], color="0.4", ls=":", lw=1, label="SFT")
+    ax.set_xticks(sorted({rec["round"] for r in rows for rec in r["rounds"]}))
+    ax.set_xlabel("round (0 = the SFT model)")
+    ax.set_ylabel("mean true reward (0-10), 95% CI")
+    ax.set_title("online loops: true reward on held-out prompts per round")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -383,7 +472,13 @@ def build(out: Path) -> Path:
     tmp = make_temporary_folder(out, ".report.")
     try:
         sampling = read_json(out / manifest["samples"][BASELINE], "samples file")["config"]
-        (tmp / "report.md").write_text(markdown(rows, manifest, sampling, configs), encoding="utf-8")
+        online_rows = collect_online(out, manifest, true_rewards(out / manifest["samples"][BASELINE]))
+        text = markdown(rows, manifest, sampling, configs)
+        if online_rows:
+            text += online_markdown(online_rows, rows, manifest)
+            (tmp / "online.json").write_text(json.dumps(online_rows, indent=2) + "\n", encoding="utf-8")
+            plot_online(online_rows, rows, tmp / "online_rounds.png")
+        (tmp / "report.md").write_text(text, encoding="utf-8")
         (tmp / "results.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
         plot_training_curves(metrics, tmp / "training_curves.png")
         plot_chosen_logp(metrics, rows[0]["chosen_logp"], manifest["settings"]["n_logp_prompts"],

@@ -13,6 +13,7 @@ import pytest
 from feedbackalign import stats, task
 from feedbackalign.fileio import make_temporary_folder, write_json_atomic
 from showcase import report
+from showcase.demo import ONLINE_RUNS
 from helpers import run_script
 
 QUICK_MODELS = ["sft", "dpo", "nca", "kto", "cut"]
@@ -163,7 +164,8 @@ def test_failing_stage_stops_the_demo_with_its_message(tmp_path):
 
 
 def table_rows(markdown: str, table: int = 0) -> dict[str, list[str]]:
-    """The rows of the report's `table`-th markdown table (0: results, 1: settings), by run name."""
+    """The rows of the report's `table`-th markdown table (0: results, 1: settings; the online
+    section's table comes after them), by run name."""
     tables = re.findall(r"((?:^\|.*\n)+)", markdown, re.MULTILINE)
     lines = [line for line in tables[table].splitlines() if line.startswith("| ") and not line.startswith("| run")]
     return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
@@ -228,6 +230,15 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     for png in ("training_curves.png", "chosen_logp.png", "true_reward.png"):
         data = (folder / png).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, png
+    online_rows = {r["run"]: r for r in json.loads((folder / "online.json").read_text(encoding="utf-8"))}
+    assert list(online_rows) == list(ONLINE_RUNS)
+    for name, r in online_rows.items():   # round 0 answers the SFT model's prompts with its settings: its samples
+        assert [rec["round"] for rec in r["rounds"]] == [0, 1, 2]
+        assert r["rounds"][0]["true_reward"] == pytest.approx(results["sft"]["reward"])
+        assert all(rec["items"] == 8 for rec in r["rounds"][1:])
+    assert all(rec["trained"] for rec in online_rows["online-cut"]["rounds"][1:])
+    assert "## Online" in (folder / "report.md").read_text(encoding="utf-8")
+    assert (folder / "online_rounds.png").read_bytes().startswith(PNG_MAGIC)
     dpo = report.read_metrics(out / "runs" / "dpo")
     assert any("eval/logps/chosen" in r for r in dpo) and dpo[0]["step"] == 0
     # honest axes: the training evaluations score the report's held-out prompts, so chosen_logp.png starts at the
@@ -237,7 +248,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
 
     again = run_script("-m", "showcase.demo", "--quick", "--out", str(out), timeout=300, env={"OPENAI_BASE_URL": ""})
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("skip ") == 2 * len(QUICK_MODELS) and "] start " not in again.stdout
+    assert again.stdout.count("skip ") == 2 * len(QUICK_MODELS) + len(ONLINE_RUNS) and "] start " not in again.stdout
     assert "no LLM judge configured" in again.stdout
     without_judge = {name: cells[:-2] + cells[-1:] for name, cells in rows.items()}
     assert table_rows((folder / "report.md").read_text(encoding="utf-8")) == without_judge

@@ -4,8 +4,9 @@ per-step losses and final weights as 1 process x 2 steps (the loaders hand both 
 Two launches cover everything: `torchrun train.py` (DPO, the user's entry, with the reference cache built by 2
 processes and then served to a 1-process run), and one torchrun of this file as a driver that trains, one after
 another in one process group (a launch costs 6-9 s here): KTO (KL estimate across
-ranks), NCA (K=4, use_fsdp=false), PPO (a value head outside FSDP), LoRA-DPO (merged export of a sharded model)
-and DPO with activation checkpointing resumed for one more step (sharded resume).
+ranks), NCA (K=4, use_fsdp=false), PPO (a value head outside FSDP), LoRA-DPO (merged export of a sharded model),
+DPO with activation checkpointing resumed for one more step (sharded resume), the reward model (its score head
+outside FSDP, exported as a sequence classifier) and GRPO.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ DRIVEN = {"kto": ["loss=kto", "loss.undesirable_weight=0.0", "lr=1e-2"], "ppo": 
           "nca": ["loss=nca", "use_fsdp=false"],          # plain data parallel: gradients averaged by hand
           "lora": ["loss=dpo", "model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0.0", "lr=1e-2",
                    "export_hf=true"],
-          "resume": ["loss=dpo", "n_examples=24", "model.activation_checkpointing=true"]}
+          "resume": ["loss=dpo", "n_examples=24", "model.activation_checkpointing=true"],
+          # a score head outside FSDP, a sequence-classifier export; at lr 1e-3 one weight in 262k ended 1.9e-6 apart
+          # (tolerance 1e-6, losses and metrics equal), at 1e-4 all are inside it
+          "rm": ["loss=rm", "export_hf=true", "lr=1e-4"],
+          "grpo": ["loss=grpo"]}                          # token-level ratios to the reference over K=4 groups
 # the 2-rank side of "resume" trains 2 steps, then resumes its final checkpoint with 3 steps in all
 FIRST_LEG = {"resume": ["n_examples=16"]}
 TIMING = TIMING_METRICS
@@ -125,6 +130,11 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, d
 
         merged = AutoModelForCausalLM.from_pretrained(driven_runs / name / run / "LATEST" / "hf")
         assert not any("lora" in k for k in merged.state_dict())
+    if name == "rm":                                       # the sharded backbone and the head, one classifier
+        from transformers import AutoModelForSequenceClassification
+
+        classifier = AutoModelForSequenceClassification.from_pretrained(driven_runs / name / run / "LATEST" / "hf")
+        assert classifier.config.num_labels == 1
     print(f"{name}: max |loss(2 procs) - loss(1 proc x 2 accum)| = {worst:.2e}")
     if name == "kto":
         assert max(r["kl"] for r in records(tmp_path / run)) > 0.1

@@ -168,6 +168,25 @@ def test_prompt_order_depends_only_on_the_seed_and_the_prompt(tmp_path):
     assert sorted(order(40, seed=1)) == sorted(large) and order(40, seed=1) != large
 
 
+def test_k_responses_per_training_prompt_and_checkpoint_base(runs, tmp_path):
+    """n_responses=K on the train split: K responses per prompt in one batched pass ("policy" is the first),
+    training prompts only; checkpoint=base with model.load_from=<the run's policy.pt> samples the same model as
+    checkpoint=policy, so the same outputs."""
+    train_prompts = {ex.prompt[0]["content"] for ex in get_wordsort("train", n_prompts=64)}
+    settings = ("n_samples=5", "n_responses=3", "split=train", "temperature=1.0", "max_new_tokens=8",
+                "model.eval_batch_size=4")   # 15 sequences in batches of 4: a prompt's K cross batches
+    data = samples_of(runs["sft"], tmp_path / "policy", *settings)
+    assert len(data["samples"]) == 5
+    for s in data["samples"]:
+        assert len(s["responses"]) == 3 and s["policy"] == s["responses"][0]
+        assert s["prompt_turns"][0]["content"] in train_prompts
+    assert any(len(set(s["responses"])) > 1 for s in data["samples"])
+    policy_pt = (runs["sft"] / "LATEST").resolve() / "policy.pt"
+    base = samples_of(runs["sft"], tmp_path / "base", *settings, "checkpoint=base", f"model.load_from={policy_pt}")
+    assert base["checkpoint"] == f"base: tiny + {policy_pt}"
+    assert [s["responses"] for s in base["samples"]] == [s["responses"] for s in data["samples"]]
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -339,6 +358,8 @@ ERRORS = {  # name: (how to make the case, needle in the message)
     "unreadable checkpoint": (lambda t, r: [f"--config-path={r['sft']}", f"checkpoint={garbage(t)}"], "unreadable"),
     "vllm without a GPU": (lambda t, r: [f"--config-path={r['sft']}", "backend=vllm"], "backend=vllm needs"),
     "vllm on an adapter": (lambda t, r: [f"--config-path={r['lora']}", "backend=vllm"], "use backend=hf"),
+    "greedy K responses": (lambda t, r: [f"--config-path={r['sft']}", "n_responses=2", "temperature=0"],
+                           "n_responses=2"),
 }
 
 

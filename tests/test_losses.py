@@ -621,6 +621,82 @@ def test_ppo_rejects_empty_rows():
         losses.ppo_loss(x, x, x, mask, t([1.0, 1.0]), 1.0, 1.0, 0.2, 0.1, 0.1)
 
 
+# ----------------------------------------------------------------------------------------------- reward model
+
+
+def test_bradley_terry_matches_formula_and_gradient():
+    chosen, rejected = t([2.0, -1.0, 0.5], grad=True), t([1.0, 3.0, 0.5], grad=True)
+    out, c, r = losses.bradley_terry_loss(chosen, rejected)
+    close(out, [-logsig(2.0 - 1.0), -logsig(-1.0 - 3.0), math.log(2.0)])
+    close(c, [2.0, -1.0, 0.5])
+    out.sum().backward()   # d/ds_c -log σ(s_c - s_r) = -(1 - σ(s_c - s_r)) = -σ(s_r - s_c)
+    close(chosen.grad, [-sig(-1.0), -sig(4.0), -0.5])
+    close(rejected.grad, [sig(-1.0), sig(4.0), 0.5])
+
+
+# ----------------------------------------------------------------------------------------------- GRPO
+
+
+def test_grpo_advantages_are_group_relative_with_population_std():
+    out = losses.grpo_advantages(t([[1.0, 2.0, 3.0, 6.0], [5.0, 5.0, 5.0, 5.0]]))
+    std = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + 0 + (6 - 3) ** 2) / 4)   # population std (HALOs' np.std)
+    close(out[0], [(r - 3.0) / (std + 0.01) for r in (1.0, 2.0, 3.0, 6.0)])
+    close(out[1], [0.0] * 4)                       # equal rewards: no advantage
+    with pytest.raises(DataError, match="K >= 2"):
+        losses.grpo_advantages(t([[1.0], [2.0]]))
+
+
+def test_grpo_equal_rewards_give_no_gradient_at_the_reference():
+    """Policy = reference (ratio 1, KL 0 with zero gradient) and equal rewards (A = 0): loss 0, gradient 0."""
+    logps = t([[-1.0, -2.0, -0.5], [-0.3, -4.0, 0.0]], grad=True)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    advantages = losses.grpo_advantages(t([[2.0, 2.0]])).reshape(-1)
+    loss, kl, clipped = losses.grpo_loss(logps, logps.detach().clone(), mask, advantages, beta=0.1, epsilon=0.2)
+    loss.backward()
+    assert loss.item() == 0.0 and kl.item() == 0.0 and clipped.item() == 0.0
+    close(logps.grad, [[0.0] * 3] * 2)
+
+
+def test_grpo_one_step_by_hand():
+    """Loss, metrics and gradient from the formula in plain floats, then one SGD step on the token log-probs."""
+    beta, eps, lr = 0.05, 0.2, 0.5
+    p = [[-1.0, -0.5, -2.0], [-0.2, -3.0, -9.0]]
+    q = [[-1.3, -0.4, -2.5], [-0.1, -2.0, -1.0]]
+    mask = [[1, 1, 1], [1, 1, 0]]
+    adv = [1.5, -0.7]
+    pol = t(p, grad=True)
+    loss, kl, clipped = losses.grpo_loss(pol, t(q), torch.tensor(mask).bool(), t(adv), beta, eps)
+    cells = [(b, i) for b in range(2) for i in range(3) if mask[b][i]]
+    n = len(cells)
+    ratio = {(b, i): math.exp(p[b][i] - q[b][i]) for b, i in cells}
+    clip = {x: min(max(ratio[x], 1 - eps), 1 + eps) for x in cells}
+    surrogate = {(b, i): min(adv[b] * ratio[b, i], adv[b] * clip[b, i]) for b, i in cells}
+    k3 = {(b, i): math.exp(q[b][i] - p[b][i]) - (q[b][i] - p[b][i]) - 1 for b, i in cells}
+    close(loss, sum(-surrogate[x] + beta * k3[x] for x in cells) / n)
+    close(kl, sum(k3.values()) / n)
+    active = [x for x in cells if (ratio[x] > 1 + eps and adv[x[0]] > 0) or (ratio[x] < 1 - eps and adv[x[0]] < 0)]
+    close(clipped, len(active) / n)
+    assert active and len(active) < n              # both branches of the min are exercised
+    loss.backward()
+    # d/dp_t: -A r_t where the unclipped term is the min (0 where the clipped one is), + β (1 - exp(q_t - p_t))
+    grad = [[0.0] * 3 for _ in range(2)]
+    for b, i in cells:
+        unclipped = 0.0 if (b, i) in active else -adv[b] * ratio[b, i]
+        grad[b][i] = (unclipped + beta * (1 - math.exp(q[b][i] - p[b][i]))) / n
+    close(pol.grad, grad)
+    with torch.no_grad():
+        pol -= lr * pol.grad
+    close(pol, [[p[b][i] - lr * grad[b][i] for i in range(3)] for b in range(2)])
+
+
+def test_grpo_rejects_bad_inputs():
+    x = t([[0.0, 0.0]])
+    with pytest.raises(DataError, match="advantages"):
+        losses.grpo_loss(x, x, torch.tensor([[True, True]]), t([1.0, 2.0]), 0.1, 0.2)
+    with pytest.raises(ConfigError, match="epsilon"):
+        losses.grpo_loss(x, x, torch.tensor([[True, True]]), t([1.0]), 0.1, 0.0)
+
+
 # ----------------------------------------------------------------------------------------------- dtype, detach
 
 
@@ -650,12 +726,14 @@ def _all_calls(dtype):
                                        torch.tensor([-1.0, 1.0, 1.0]), 1.0),
         "ppo": lambda: losses.ppo_loss(tok, tok.detach() - 0.1, tok.detach() * 0, mask,
                                        torch.tensor([1.0], dtype=dtype), 1.0, 0.95, 0.2, 0.1, 0.1),
+        "rm": lambda: losses.bradley_terry_loss(pc, pr),
+        "grpo": lambda: losses.grpo_loss(tok, tok.detach() - 0.1, mask, torch.tensor([1.0], dtype=dtype), 0.1, 0.2),
     }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("name", ["dpo", "ipo", "nca_pair", "slic", "simpo", "orpo", "kto", "nca", "infonca",
-                                  "sft", "cut", "ppo"])
+                                  "sft", "cut", "ppo", "rm", "grpo"])
 def test_dtype_is_kept_loss_has_grad_and_rewards_are_detached(dtype, name):
     out = _all_calls(dtype)[name]()
     assert out[0].dtype == dtype and out[0].requires_grad

@@ -58,7 +58,8 @@ def test_each_loss_learns_through_the_full_loop(tmp_path, loss):
     """Three optimizer steps of `trainer.train()` (the loop train.py runs: steps, eval, metrics, final checkpoint)
     lower the loss on the first batch and widen the chosen-rejected margin where one is defined. KTO's loss moves
     with z0 (its reward gap must widen instead); PPO's clipped surrogate moves with the policy ratio (its critic
-    loss must fall)."""
+    loss must fall); GRPO's KL term grows as the policy leaves the reference (its best-over-worst log-ratio margin
+    must widen)."""
     trainer = make_trainer(tmp_path, f"loss={loss}", "~tuning", "n_examples=24", "lr=3e-3", "eval_every=24",
                            "++dataset_options.wordsort.n_prompts=24")   # the loss yaml's values, a large lr
     batch = next(iter(trainer.train_loader))
@@ -70,7 +71,7 @@ def test_each_loss_learns_through_the_full_loop(tmp_path, loss):
     assert torch.isfinite(after)
     if loss == "ppo":
         assert after_metrics["loss/critic"].item() < before_metrics["loss/critic"].item()
-    elif loss != "kto":
+    elif loss not in ("kto", "grpo"):
         assert after.item() < before.item()
     if margin(before_metrics) is not None:
         assert margin(after_metrics) > margin(before_metrics)
@@ -222,3 +223,53 @@ def test_every_forward_is_metered_kl_partners_and_live_reference_included(tmp_pa
     assert logged["computed_tokens/s"] * logged["s/step"] == pytest.approx(pack(batch.sequences()).input_ids.shape[1])
     assert logged["tokens/s"] * logged["s/step"] == pytest.approx(
         sum(len(s.prompt_ids) + len(s.response_ids) for s in batch.sequences()))
+
+
+def test_grpo_at_the_reference_is_minus_the_token_weighted_advantage(tmp_path):
+    """Policy = reference: ratio 1 and KL 0, so GRPO's loss is -Σ_i A_i n_i / Σ_i n_i over the microbatch's
+    responses (n_i their token counts, A the group-relative advantages of the batch's true rewards)."""
+    trainer = make_trainer(tmp_path, "loss=grpo")
+    batch = next(iter(trainer.train_loader))
+    with torch.no_grad():
+        value, metrics = loss_on(trainer, batch)
+    rewards = batch.values["rewards"].tolist()
+    advantages = []
+    for row in rewards:
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((r - mean) ** 2 for r in row) / len(row))
+        advantages += [(r - mean) / (std + 0.01) for r in row]
+    counts = [len(s.response_ids) for s in batch.parts["responses"]]
+    assert value.item() == pytest.approx(-sum(a * n for a, n in zip(advantages, counts)) / sum(counts), rel=1e-5)
+    assert metrics["kl"].item() == 0.0 and metrics["clip_fraction"].item() == 0.0
+    assert (metrics["rewards/margins"] == 0).all()
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_reference_load_from_gives_the_reference_other_weights(tmp_path, fsdp):
+    """model.reference_load_from: the reference from a policy.pt, or `base` (the model without model.load_from,
+    loop.py's reference=start from a base model), while the policy starts from model.load_from; whole, and
+    sharded by FSDP2 (rank 0 reads the reference's own weights into its shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from feedbackalign import models
+    from feedbackalign.errors import ConfigError
+
+    other = models.build_model("tiny", torch.float32, seed=7)
+    torch.save({"step_idx": 0, "state": other.state_dict(), "metrics": {}}, tmp_path / "other.pt")
+    base = models.build_model("tiny", torch.float32, seed=0).state_dict()
+
+    def same(model, state):
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return all(torch.equal(v, state[k]) for k, v in full.items())
+
+    sharding = [f"use_fsdp={str(fsdp).lower()}"]
+    trainer = make_trainer(tmp_path / "a", "loss=dpo", f"model.reference_load_from={tmp_path / 'other.pt'}",
+                           *sharding)
+    assert same(trainer.reference, other.state_dict()) and same(trainer.policy, base)
+    trainer = make_trainer(tmp_path / "b", "loss=dpo", f"model.load_from={tmp_path / 'other.pt'}",
+                           "model.reference_load_from=base", *sharding)
+    assert same(trainer.reference, base) and same(trainer.policy, other.state_dict())
+    if fsdp:
+        return
+    with pytest.raises(ConfigError, match="model.reference_load_from=base needs full fine-tuning"):
+        make_trainer(tmp_path / "c", "loss=dpo", "model.lora.enabled=true", "model.reference_load_from=base")
