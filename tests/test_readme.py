@@ -96,8 +96,9 @@ def first_steps(tmp_path_factory, shared_data):
 def test_every_command_is_run_checked_or_excused():
     for command in commands():
         words = command.split()
-        runnable = command in NOT_RUN or words[0] == "make" or "train.py" in words or \
-            words[:2] == ["python", "eval.py"] or words[:2] == ["python", "-m"] or "compare.py" in words
+        runnable = command in NOT_RUN or words[0] == "make" or "train.py" in words or "loop.py" in words or \
+            words[:2] == ["python", "eval.py"] or words[:2] == ["python", "-m"] or "compare.py" in words or \
+            "label.py" in words
         assert runnable, f"the README's `{command}` is neither run nor checked here: add it to tests/test_readme.py"
 
 
@@ -134,14 +135,20 @@ def test_gpu_commands_have_valid_names_and_keys(first_steps):
         elif words[:2] == ["python", "eval.py"] and not (folder / words[2].split("=", 1)[1]).is_dir():
             eval_script.load_config(folder / "runs" / "dpo", "config", words[3:])
             checked += 1
-    assert checked >= 4
+        elif words[:2] == ["python", "loop.py"]:   # tests/test_loop.py runs loop.py's rounds end to end
+            configuration.check_overrides(words[2:], config_name="loop")
+            checked += 1
+    assert checked >= 6
 
 
-@pytest.mark.parametrize("command", [c for c in commands() if "compare.py" in c])
-def test_compare_commands_parse(command):
-    """compare.py needs a judge endpoint (tests/test_compare.py runs it against a local server); the README's
-    flags must be its own."""
+@pytest.mark.parametrize("command", [c for c in commands() if "compare.py" in c or "label.py" in c])
+def test_judge_and_labeller_commands_parse(command):
+    """compare.py and label.py need a judge endpoint or a reward model (tests/test_compare.py and
+    tests/test_label.py run them against a local server and real runs); the README's flags must be their own."""
     import compare
+    import label
 
     words = command.split()
-    compare.build_parser().parse_args(words[words.index("compare.py") + 1:])
+    script = "compare.py" if "compare.py" in words else "label.py"
+    parser = (compare if script == "compare.py" else label).build_parser()
+    parser.parse_args(words[words.index(script) + 1:])
