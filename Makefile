@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt  # constraints.txt: the exact
 
 install: $(VENV)/.installed
 
-demo: $(VENV)/.installed  # DEMO_ARGS="--quick" for the few-minute version; see python -m showcase.demo --help
+demo: $(VENV)/.installed  # DEMO_ARGS="--quick": a few-minute smoke test (no results); python -m showcase.demo --help
 	$(PY) -m showcase.demo $(DEMO_ARGS)
 
 test: $(VENV)/.installed

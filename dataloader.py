@@ -197,7 +197,9 @@ class Item:
 
 
 class DataLoader:
-    """Shared machinery: options, item collection, epoch order, sharding, tokenisation cache, resume."""
+    """Shared machinery: options, item collection, epoch order, sharding, tokenisation cache, resume.
+    `batch_size_key` is the config key that set `batch_size` (model.batch_size or model.eval_batch_size), named
+    in the error when a split holds less than one batch."""
 
     batch_kind: str = ""           # the Batch layout it yields (batches.KINDS)
     OPTIONS: dict[str, Any] = {}
@@ -208,7 +210,7 @@ class DataLoader:
                  gradient_accumulation_steps: int = 1, rank: int = 0, world_size: int = 1, max_length: int = 512,
                  max_prompt_length: int = 256, seed: int = 0, n_epochs: Optional[int] = None,
                  n_examples: Optional[int] = None, shuffle: bool = True, drop_last: bool = True,
-                 prompt_format: PromptFormat = PromptFormat(), **loader_options):
+                 prompt_format: PromptFormat = PromptFormat(), batch_size_key: str = "batch_size", **loader_options):
         self.name = type(self).__name__
         self.options = self._check_options(loader_options)
         self.tokenizer, self.split, self.seed, self.shuffle = tokenizer, split, int(seed), bool(shuffle)
@@ -229,10 +231,10 @@ class DataLoader:
         self._buckets = self._bucket_items()
         self.steps_per_epoch = len(self.epoch_batches(0))
         if self.steps_per_epoch == 0:
-            need = f"one global batch (batch_size {self.batch_size})" if self.drop_last else \
+            need = f"one global batch ({batch_size_key}={self.batch_size})" if self.drop_last else \
                 f"one item per process ({self.world_size * self.accum})"
             raise DataError(f"{self.name}: {self._size_text()} fewer than {need} on split '{split}'; lower "
-                            "batch_size or add data")
+                            f"{batch_size_key} or add data")
         if not self.drop_last:
             left = len(self.items) - sum(len(b) for b in self.epoch_batches(0))
             if left:

@@ -57,8 +57,9 @@ from transformers import GenerationConfig
 
 import dataloader
 from feedbackalign import builders, checkpoints, models
-from feedbackalign.configuration import compose, halos_overrides
-from feedbackalign.errors import CheckpointError, ConfigError, DataError, EnvError, UserError, one_line
+from feedbackalign.configuration import check_overrides, compose, halos_overrides
+from feedbackalign.errors import (CheckpointError, ConfigError, DataError, EnvError, UserError, one_line,
+                                  warnings_as_lines)
 from feedbackalign.feedback import last_user_turn
 from feedbackalign.fileio import write_json_atomic
 
@@ -111,7 +112,10 @@ def load_config(run_dir: Path, config_name: str, overrides: list[str]) -> DictCo
     try:
         saved = OmegaConf.load(path)
         defaults = [f"++{k}={'null' if v is None else json.dumps(v)}" for k, v in DEFAULTS.items() if k not in saved]
-        return compose(defaults + list(overrides), config_dir=run_dir, config_name=config_name)
+        known = compose(defaults, config_dir=run_dir, config_name=config_name, check=False)
+        check_overrides(overrides, known=known, hint=f"the keys are {path}'s and eval.py's own "
+                                                     "(python eval.py --help)")
+        return compose(defaults + list(overrides), config_dir=run_dir, config_name=config_name, check=False)
     except (HydraException, OmegaConfBaseException) as e:
         why = " ".join(line.strip() for line in str(e).splitlines()[:2] if line.strip()) or type(e).__name__
         raise ConfigError(f"config of {run_dir} with overrides {' '.join(overrides) or '(none)'}: {why}") from None
@@ -465,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir, name, overrides = parse_args(argv)
         cfg = load_config(run_dir, name, halos_overrides(overrides, "eval.py"))
         check_settings(cfg)
+        models.check_available(cfg.model)
         builders.seed_everything(cfg.seed, False)
         (sample if cfg.mode == "sample" else evaluate)(cfg, run_dir)
     except UserError as e:
@@ -477,4 +482,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    warnings_as_lines("eval.py")
     sys.exit(main())

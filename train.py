@@ -2,8 +2,14 @@
 
 One process on CPU; one process per visible GPU (spawned) on a GPU node; under torchrun, the processes torchrun
 made (many nodes). `++dry_run=true ++world_size=8` prints the per-GPU memory plan (feedbackalign/memory.py) and
-exits without loading weights. The loss config names its Trainer subclass (trainers.py) and DataLoader (dataloader.py); no
-code tests a loss's name. With no arguments it trains the embedded tiny model on the built-in task, offline.
+exits without loading weights. The loss config names its Trainer subclass (trainers.py) and DataLoader
+(dataloader.py); no code tests a loss's name. With no arguments it trains the embedded tiny model on the built-in task, offline.
+
+Checks run in this order, each failing with one `train.py: error:` line naming the key to change, before
+anything is written: the command line's names and keys (`configuration.check_command_line`, before Hydra
+composes it: a typo such as `+betta=0.5` is not silently added), then the values, models, data, and last the run
+directory (`builders.build_trainer`). Under torchrun only rank 0 prints. A run ends with a summary (final train
+and held-out metrics, wall time, tokens/s, the paths of metrics.jsonl, LATEST and the HF export).
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from feedbackalign import builders, distributed, memory
-from feedbackalign.configuration import CONFIG_DIR, halos_overrides
-from feedbackalign.errors import USER_ERROR_EXIT, exit_on_user_error
+from feedbackalign import builders, distributed, memory, run_summary
+from feedbackalign.configuration import CONFIG_DIR, check_command_line, halos_overrides
+from feedbackalign.errors import USER_ERROR_EXIT, exit_on_user_error, warnings_as_lines
 from feedbackalign.fileio import write_json_atomic
 
 WANDB_RUN_FILE = "wandb.json"  # in the run directory: the W&B run a resume continues
@@ -54,13 +60,13 @@ def run(cfg: DictConfig, rank: int, world_size: int, device: torch.device) -> No
     tracking = cfg.wandb.enabled and rank == 0
     if tracking:
         start_wandb(cfg, trainer.run_dir)
-    trainer.train()
+    summary = trainer.train()
     if tracking:
         import wandb
 
         wandb.finish()
     if rank == 0:
-        print(f"done: {trainer.run_dir / 'LATEST'}", flush=True)
+        print(run_summary.render(summary), flush=True)
 
 
 def spawned(local_rank: int, world_size: int, cfg: DictConfig, port: int) -> None:
@@ -97,6 +103,10 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    with exit_on_user_error("train.py"):  # HALOs' keys (mode=train, human_prefix=...) translated or refused
-        sys.argv[1:] = halos_overrides(sys.argv[1:], "train.py")
+    launched = distributed.world_from_env()
+    first = launched is None or launched[0] == 0   # torchrun: only rank 0 prints
+    warnings_as_lines("train.py", show=first)
+    with exit_on_user_error("train.py", show=first):
+        sys.argv[1:] = halos_overrides(sys.argv[1:], "train.py")   # HALOs' keys (mode=train, ...) translated
+        check_command_line(sys.argv[1:])                            # then every name and key checked
     main()

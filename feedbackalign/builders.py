@@ -25,7 +25,7 @@ import dataloader
 import trainers
 from feedbackalign import chat_templates, checkpoints, distributed, fileio, getters, models, ref_cache, validation
 from feedbackalign.configuration import as_dict
-from feedbackalign.errors import ConfigError, EnvError
+from feedbackalign.errors import ConfigError, EnvError, SettingWarning
 
 BASE_WEIGHTS = "base"  # model.reference_load_from=base: the reference is the base model, without model.load_from
 
@@ -64,8 +64,18 @@ def dataloader_class(cfg: DictConfig, trainer: type) -> type:
 
 
 def load_datasets(cfg: DictConfig, split: str) -> list:
+    """cfg.datasets' `split`, each with its `dataset_options.<name>`; a user file (`jsonl:<path>`, whose name
+    cannot be a command-line key) takes `dataset_options.jsonl` / `dataset_options.json` unless named itself."""
     options = as_dict(cfg.get("dataset_options"))
-    return [getters.get_dataset(name, split, data_dir=cfg.data_dir, **options.get(name, {})) for name in cfg.datasets]
+    return [getters.get_dataset(name, split, data_dir=cfg.data_dir, **dataset_options(options, name))
+            for name in cfg.datasets]
+
+
+def dataset_options(options: dict, name: str) -> dict:
+    spec = getters.file_spec(name)
+    if name in options or spec is None:
+        return options.get(name, {})
+    return options.get(spec[0], {})
 
 
 def loader_options(cfg: DictConfig) -> dict:
@@ -102,6 +112,7 @@ def build_loader(cfg: DictConfig, tokenizer, *, split: str, train: bool, rank: i
         max_length=m.max_length, max_prompt_length=m.max_prompt_length,
         n_epochs=cfg.n_epochs if train else 1, n_examples=cfg.n_examples if train else cfg.n_eval_examples,
         shuffle=train, drop_last=train, prompt_format=dataloader.PromptFormat.from_config(m),
+        batch_size_key="model.batch_size" if train else "model.eval_batch_size",
         **{k: v for k, v in options.items() if v is not None})
 
 
@@ -413,6 +424,17 @@ def replace_run_dir(run_dir: Path) -> None:
     shutil.rmtree(run_dir)
 
 
+def warn_if_random_start(cfg: DictConfig, trainer_cls: type) -> None:
+    """Alignment losses start from an SFT model: say so when one would start from a random init (the tiny model
+    or model.name_or_path=random without model.load_from; hub models start from their pretrained weights)."""
+    if cfg.model.load_from or cfg.resume or issubclass(trainer_cls, trainers.SFTTrainer) or \
+            cfg.model.name_or_path not in (models.TINY_NAME, models.RANDOM_NAME):
+        return
+    warnings.warn(f"loss={cfg.loss.name} aligns a model but starts from model={cfg.model.name}'s random init "
+                  "(model.load_from is not set): train SFT first (python train.py loss=sft) and pass "
+                  "model.load_from=<that run>/LATEST/policy.pt", SettingWarning, stacklevel=2)
+
+
 def release_memory() -> None:
     """Return freed model memory (the reference after the cache pass) to the system / CUDA allocator."""
     gc.collect()
@@ -422,22 +444,24 @@ def release_memory() -> None:
 
 def build_trainer(cfg: DictConfig, rank: int = 0, world_size: int = 1,
                   device: torch.device = torch.device("cpu")) -> trainers.BasicTrainer:
-    """Everything before the loop: data, models (rank-0 loading, sharding, dtypes), reference (live, or a cache
-    pass then freed), run dir, resume. Every setting is checked before anything is built or written (config
-    values first: validation.py); the cache pass runs on the sharded reference; overwrite=true deletes the old
-    run directory only once everything else has been built."""
-    validation.validate(cfg, world_size)
-    seed_everything(cfg.seed, cfg.deterministic)
-    run_dir, resume_from = resolve_run_dir(cfg)
-    replace = resume_from is None and is_nonempty_dir(run_dir)  # overwrite=true, checked by resolve_run_dir
+    """Everything before the loop. Checks come first, in the order a user fixes them, so a run fails on the first
+    thing to change and before anything is built or written: names (the loss's trainer and DataLoader), values
+    (validation.py's ranges, processes, dtypes, checkpoint layout), the model and tokenizer being loadable here
+    (every missing piece in one message), the data, model.load_from, then the run directory. Then: models (rank-0
+    loading, sharding, dtypes), reference (live, or a cache pass then freed on the sharded reference), run dir,
+    resume. overwrite=true deletes the old run directory only once everything else has been built."""
     trainer_cls = trainer_class(cfg)
     dataloader_class(cfg, trainer_cls)
+    validation.validate(cfg, world_size)
     sharded = use_fsdp(cfg, world_size)
     check_quantized_processes(cfg, world_size, sharded)
     precision(cfg)
     checkpoints.check_consolidate(cfg.consolidate_checkpoints)
+    models.check_available(cfg.model)
     if rank == 0:
         warn_on_low_precision_weights(cfg)
+        warn_if_random_start(cfg, trainer_cls)
+    seed_everything(cfg.seed, cfg.deterministic)
     tokenizer = build_tokenizer(cfg)
     if rank == 0:
         print(f"prompts: {chat_templates.describe(tokenizer, cfg.model.get('chat_template', 'tokenizer'))}",
@@ -445,6 +469,10 @@ def build_trainer(cfg: DictConfig, rank: int = 0, world_size: int = 1,
     train_loader = build_loader(cfg, tokenizer, split="train", train=True, rank=rank, world_size=world_size)
     eval_loader = build_loader(cfg, tokenizer, split="test", train=False, rank=rank, world_size=world_size) \
         if cfg.n_eval_examples else None
+    if cfg.model.load_from:
+        checkpoints.policy_file(cfg.model.load_from)
+    run_dir, resume_from = resolve_run_dir(cfg)
+    replace = resume_from is None and is_nonempty_dir(run_dir)  # overwrite=true, checked by resolve_run_dir
     if sharded:
         distributed.single_process_group(device)
     caching = bool(cfg.cache_reference_logprobs and trainer_cls.uses_reference)

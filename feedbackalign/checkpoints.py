@@ -38,6 +38,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from transformers.utils import logging as hf_logging
 
 from feedbackalign import fileio
 from feedbackalign.errors import CheckpointError, ConfigError
@@ -168,7 +170,19 @@ def export_hf(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: 
               chat_template=None, score: dict | None = None) -> None:
     """save_pretrained export loadable with plain AutoModelForCausalLM (LoRA merged), or the peft adapter; with a
     `score` head's state, an AutoModelForSequenceClassification (a reward model) instead. The tokenizer is saved
-    carrying `chat_template` (the template the run used: chat_templates.export_template)."""
+    carrying `chat_template` (the template the run used: chat_templates.export_template). Without transformers'
+    "Writing model shards" bar: the run's summary names the export."""
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        save_export(model, tokenizer, plain, state, out_dir, merge, chat_template, score)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def save_export(model, tokenizer, plain: dict, state: dict, out_dir: Path, merge: bool, chat_template,
+                score: dict | None) -> None:
     if score is not None:
         export_sequence_classifier(model, tokenizer, plain, score, out_dir)
     elif is_lora(model):
@@ -256,7 +270,10 @@ def save(run_dir, state: TrainState, *, tokenizer, rank: int = 0, world_size: in
         tmp[0].mkdir(parents=True)
     if world_size > 1:
         dist.broadcast_object_list(tmp, src=0)
-    dcp.save(sharded, storage_writer=FileSystemWriter(tmp[0] / SHARDED), no_dist=not dist.is_initialized())
+    alone = not dist.is_initialized()
+    with warnings.catch_warnings():   # one process saving alone is what alone means here: no warning every save
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.save(sharded, storage_writer=FileSystemWriter(tmp[0] / SHARDED), no_dist=alone)
     final_dir = None
     if rank == 0:
         progress = {**state.progress, "rng": rng, "scheduler": state.scheduler.state_dict(),
@@ -407,18 +424,27 @@ def read_sharded(directory: Path, tree: dict, *, no_dist: bool = False) -> None:
     dcp.load(tree, storage_reader=SafeReader(directory), no_dist=no_dist)
 
 
-def load_policy_weights(path) -> dict:
-    """The policy's weights from a HALOs-style policy.pt (or a bare state dict), without executing pickled code;
-    a checkpoint directory without policy.pt (an intermediate, sharded-only one) is consolidated here from its
-    DCP shards (full fine-tuning only: a LoRA run's shards hold the adapters alone)."""
+def policy_file(path) -> Path:
+    """What model.load_from names, checked to exist (before a run writes anything): a policy.pt, a directory
+    holding one, or a checkpoint directory with sharded weights only (returned as the directory)."""
     path = Path(path)
     if path.is_dir() and not (path / "policy.pt").is_file() and (path / SHARDED / ".metadata").is_file():
-        return _consolidated_policy(path)
+        return path
     if path.is_dir():
         path = path / "policy.pt"
     if not path.is_file():
         raise CheckpointError(f"model.load_from: {path} does not exist (give a run's LATEST/policy.pt or its "
                               "directory)")
+    return path
+
+
+def load_policy_weights(path) -> dict:
+    """The policy's weights from a HALOs-style policy.pt (or a bare state dict), without executing pickled code;
+    a checkpoint directory without policy.pt (an intermediate, sharded-only one) is consolidated here from its
+    DCP shards (full fine-tuning only: a LoRA run's shards hold the adapters alone)."""
+    path = policy_file(path)
+    if path.is_dir():
+        return _consolidated_policy(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix

@@ -1,7 +1,7 @@
 """What a dataset holds before you commit GPUs: feedback counts, K distribution, token lengths, truncation.
 
-    python data_summary.py --datasets hh oasst --data_dir ../shared/data --split train --tokenizer tiny \\
-        --max_length 512 --max_prompt_length 256
+    python -m feedbackalign.data_summary --datasets hh oasst --data_dir ../shared/data --split test \\
+        --tokenizer tiny --max_length 512 --max_prompt_length 256
 
 Counts use the converters of feedback.py and the formatting/tokenising/truncation of dataloader.py, so the
 numbers are the ones the loaders will see. A sequence is one (prompt, generation); it counts as truncated

@@ -6,7 +6,9 @@ traceback (`exit_on_user_error`). Anything else is a bug and keeps its traceback
 from __future__ import annotations
 
 import sys
+import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 USER_ERROR_EXIT = 2
 
@@ -35,16 +37,35 @@ class TrainingError(UserError, RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps); the message says why and what was kept."""
 
 
+class SettingWarning(UserWarning):
+    """A setting that runs but is probably not what the user meant; the message says what to change."""
+
+
 def one_line(error: BaseException) -> str:
     """The message on one line (whitespace runs collapsed)."""
     return " ".join(str(error).split())
 
 
 @contextmanager
-def exit_on_user_error(program: str):
-    """Print a UserError as `<program>: error: <message>` on stderr and exit 2; let anything else propagate."""
+def exit_on_user_error(program: str, show: bool = True):
+    """Print a UserError as `<program>: error: <message>` on stderr and exit 2; let anything else propagate.
+    `show=False` exits without printing (the other ranks of a torchrun job, whose rank 0 prints the same line)."""
     try:
         yield
     except UserError as e:
-        print(f"{program}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        if show:
+            print(f"{program}: error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT)
+
+
+def warnings_as_lines(program: str, show: bool = True) -> None:
+    """Print every warning as one `<program>: warning: <message>` line instead of Python's two-line default (with
+    its source file and line unless it is a SettingWarning); `show=False` silences them (ranks other than 0)."""
+
+    def line(message, category, filename, lineno, text=None) -> str:
+        where = "" if issubclass(category, SettingWarning) else f" ({Path(filename).name}:{lineno})"
+        return f"{program}: warning: {one_line(message)}{where}\n"
+
+    warnings.formatwarning = line
+    if not show:
+        warnings.simplefilter("ignore")

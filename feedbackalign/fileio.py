@@ -1,6 +1,7 @@
-"""Files that survive crashes and full disks: atomic writes, durable appends, JSON Lines with a torn last line
-cut off, and the one place where a lack of disk space becomes a one-line error naming the path and the bytes
-needed (checkpoints, the reference cache, samples, metrics all go through `reporting_full_disk`).
+"""Files that survive crashes and full disks: atomic writes (swapped in with the mode the umask gives), durable
+appends, JSON Lines with a torn last line cut off, and the one place where a lack of disk space becomes a one-line
+error naming the path and the bytes needed (checkpoints, the reference cache, samples, metrics all go through
+`reporting_full_disk`).
 
 Written by hand because the pieces exist (tempfile, os.replace, os.fsync, shutil.disk_usage) but not the policy,
 and because the writers we call report a full disk without an errno: torch.save's zip writer raises
@@ -121,6 +122,30 @@ def reporting_full_disk(path, *, needed: int, what: str, hint: str,
 # ---------------------------------------------------------------- writes
 
 
+def umask() -> int:
+    """The process's umask (read by setting it and putting it back: POSIX has no other way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain `open` gives a new file under the user's umask (samples and reports stay group-readable
+    when the umask says so; temporaries from `tempfile` are 0600 until swapped into place)."""
+    return 0o666 & ~umask()
+
+
+def folder_mode() -> int:
+    return 0o777 & ~umask()
+
+
+def make_temporary_folder(parent: Path, prefix: str) -> Path:
+    """A new folder in `parent` to build something in and swap into place, with the umask's mode."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(folder, folder_mode())
+    return folder
+
+
 def fsync_dir(path) -> None:
     """Make a rename or a new file in directory `path` durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -143,6 +168,7 @@ def write_bytes_atomic(path, data: bytes, *, what: str = "file", hint: str = "fr
 
     with reporting_full_disk(path, needed=len(data), what=what, hint=hint, cleanup=remove_tmp):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, file_mode())  # mkstemp makes it 0600; the file in place gets what `open` would give
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -746,7 +746,8 @@ GETTERS: dict[str, Callable[..., Dataset]] = {
 
 
 
-def _file_spec(name: str) -> Optional[tuple[str, str]]:
+def file_spec(name: str) -> Optional[tuple[str, str]]:
+    """(kind, path) of a user-file dataset name ('jsonl:<path>', 'json:<path>', or a .jsonl/.json path), else None."""
     for kind in ("jsonl", "json"):
         if name.startswith(kind + ":"):
             return kind, name[len(kind) + 1:]
@@ -773,7 +774,7 @@ def get_dataset(name: str, split: str, data_dir=None, **options) -> Dataset:
         repo, _, config = name[3:].partition(":")
         _check_options(name, get_hf, options, reserved=("repo", "config", "name"))
         return get_hf(split, data_dir, repo=repo, config=config or None, name=name, **options)
-    spec = _file_spec(name)
+    spec = file_spec(name)
     if spec is not None:
         _check_options(name, get_jsonl, options, reserved=("path", "name"))
         return get_jsonl(split, data_dir, path=spec[1], name=name, **options)

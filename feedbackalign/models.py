@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -134,6 +135,76 @@ def load_tokenizer(name_or_path: str, special_tokens=()):
     if missing:
         tok.add_tokens(missing, special_tokens=True)
     return tok
+
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in ("1", "TRUE", "ON")
+
+
+def check_available(model_cfg) -> None:
+    """Fail before anything is built when the model's weights or tokenizer cannot be loaded here, naming every
+    missing piece and its key in one message: a local directory that does not exist or lacks the files, or, with
+    the hub offline (HF_HUB_OFFLINE=1), a hub name whose files are not in the local Hugging Face cache. Online,
+    hub names are left to `from_pretrained` (which downloads them)."""
+    wanted = []
+    if model_cfg.name_or_path not in (TINY_NAME, RANDOM_NAME):
+        wanted.append(("weights", model_cfg.name_or_path, "model.name_or_path", ("config.json",), WEIGHT_FILES))
+    if model_cfg.tokenizer_name_or_path != TINY_NAME:
+        wanted.append(("tokenizer", model_cfg.tokenizer_name_or_path, "model.tokenizer_name_or_path", (),
+                       TOKENIZER_FILES))
+    missing = [(what, name, key, why) for what, name, key, needed, any_of in wanted
+               if (why := unavailable(str(name), needed, any_of))]
+    if not missing:
+        return
+    pieces = "; ".join(f"the {what} '{name}' ({key}={name}): {why}" for what, name, key, why in missing)
+    hub = [name for _, name, _, why in missing if "cache" in why]
+    fetch = f"download {' and '.join(dict.fromkeys(hub))} once with network access (huggingface-cli download " \
+            f"<name>) or " if hub else ""
+    raise EnvError(f"model={model_cfg.name} cannot be loaded: {pieces}; {fetch}set "
+                   f"{' and '.join(dict.fromkeys(key for _, _, key, _ in missing))} to local directories")
+
+
+def unavailable(name: str, needed: tuple[str, ...], any_of: tuple[str, ...]) -> str:
+    """Why `name` (a directory or hub name) lacks the files `needed` and one of `any_of` (with the shards an index
+    lists), or '' when it has them or the hub will be asked."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        if path.exists() or name.startswith(("/", "./", "../", "~")):
+            return "no such directory"
+        if not hub_offline():
+            return ""
+    lacking = [f for f in needed if located(name, f) is None]
+    found = next((f for f in any_of if located(name, f) is not None), None)
+    if found is None:
+        lacking.append(" or ".join(any_of))
+    elif found.endswith(".index.json"):
+        listed = json.loads(located(name, found).read_text()).get("weight_map", {}).values()
+        lacking += [shard for shard in sorted(set(listed)) if located(name, shard) is None]
+    if not lacking:
+        return ""
+    where = f"{path} lacks" if path.is_dir() else "not in the local Hugging Face cache (HF_HUB_OFFLINE=1):"
+    return f"{where} {', '.join(lacking)}"
+
+
+def located(name: str, file: str) -> Path | None:
+    """`file` of the local directory `name`, else of the hub repository `name` in the local cache; None if absent."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path / file if (path / file).is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, file)
+    except ValueError:   # not a valid hub name
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
 def attention_implementation(requested: str) -> str:

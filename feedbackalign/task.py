@@ -16,14 +16,22 @@ judgments (only a perfect answer, reward 10, is desirable), so one source of tru
 
 Train and test prompts never share a word set: a set belongs to the test split iff the hash of its sorted
 words falls in one bucket of TEST_BUCKETS, whatever the seed.
+
+Score a model's answers (the samples files `eval.py ++mode=sample` writes, or a JSON list of samples):
+
+    python -m feedbackalign.task score samples/dpo_tiny.json samples/sft_tiny.json
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
 import random
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from feedbackalign.feedback import Dataset, Example, last_user_turn
@@ -395,3 +403,54 @@ def score_samples(samples: list[dict], prompt_key: str = "prompt", output_key: s
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
     return rewards
+
+
+# ---------------------------------------------------------------- command line
+
+
+def read_samples(path: Path) -> list[dict]:
+    """The samples of an eval.py samples file ({"samples": [...]}) or of a JSON list of samples."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist; write samples with `python eval.py --config-path=<run> "
+                        "++mode=sample`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not a JSON samples file ({e})") from None
+    samples = data.get("samples") if isinstance(data, dict) else data
+    if not isinstance(samples, list):
+        raise DataError(f"{path}: expected eval.py's samples file (an object with 'samples') or a list of samples")
+    return samples
+
+
+def score_text(path: Path, rewards: list[float]) -> str:
+    from feedbackalign.stats import mean_ci
+
+    mean, low, high = mean_ci(rewards)
+    perfect = sum(r == PERFECT_REWARD for r in rewards) / len(rewards)
+    n = f"{len(rewards)} sample{'s' if len(rewards) != 1 else ''}"
+    return f"{path}: {n}, true reward {mean:.2f} (95% CI {low:.2f}-{high:.2f}), perfect {perfect:.0%}"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m feedbackalign.task score FILE ...`: the true reward of each file's answers (0-10, task.true_reward),
+    its mean with a 95% normal interval, and the share of perfect answers."""
+    from feedbackalign.errors import exit_on_user_error
+
+    parser = argparse.ArgumentParser(prog="python -m feedbackalign.task",
+                                     description="The built-in wordsort task: score answers by the true reward.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    score = commands.add_parser("score", help="true reward of samples files written by eval.py ++mode=sample")
+    score.add_argument("files", nargs="+", type=Path)
+    score.add_argument("--prompt-key", default="prompt", help="the samples' prompt field (text or chat turns)")
+    score.add_argument("--output-key", default="policy", help="the samples' answer field")
+    args = parser.parse_args(argv)
+    with exit_on_user_error("python -m feedbackalign.task"):
+        for path in args.files:
+            rewards = score_samples(read_samples(path), args.prompt_key, args.output_key)
+            print(score_text(path, rewards), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

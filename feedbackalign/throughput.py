@@ -25,6 +25,7 @@ import torch
 
 from feedbackalign.errors import ConfigError
 
+TIMING_METRICS = ("tokens/s", "computed_tokens/s", "examples/s", "s/step", "mfu")  # wall-clock dependent metrics
 # Dense bf16/fp16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' data sheets; fp32 is not listed.
 GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
 # Architectures whose MLP is gated (gate, up and down projections: three matrices instead of two).

@@ -1,7 +1,7 @@
 """Throughput benchmark: this framework's trainers side by side with TRL's DPOTrainer (a benchmark, not a test).
 
     python -m showcase.benchmark                                # DPO on HH and wordsort, ours vs TRL, live + cached
-    python -m showcase.benchmark --steps 5 --datasets wordsort  # quicker
+    python -m showcase.benchmark --steps 10 --datasets wordsort # quicker (10 measured steps is the minimum)
     python -m showcase.benchmark --skip-trl --losses nca kto    # ours only
     python -m showcase.benchmark --scaling                      # step time vs sequence length and K, cache pass
 
@@ -14,6 +14,10 @@ Definitions (docs/performance.md): tokens = sum over the sequences a step forwar
 (a pair counts prompt+chosen + prompt+rejected: what an unshared, unpadded forward processes), padding excluded,
 counted identically for both; steady state = the steps after `--warmup`, wall clock between step ends (data,
 forward, backward, optimizer, logging all included); peak RSS = the subprocess's ru_maxrss.
+
+Fewer than MIN_STEPS measured steps are refused: over a handful of steps one slow step (an allocation, a page
+fault, a neighbour's burst on a shared CPU) decides the ratio (5 steps once gave 12.2x, with TRL's precomputed
+reference slower than its live one). `--few-steps` runs them anyway as a smoke check, labelled as such.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 UNITS = {"dpo": "pairs", "nca": "groups", "kto": "items"}
+MIN_STEPS = 10    # measured steps below which ratios are artefacts (see the docstring)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
 
@@ -473,7 +478,10 @@ def scaling_report(args) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=10, help="measured steps per run (after the warmup)")
+    p.add_argument("--steps", type=int, default=10,
+                   help=f"measured steps per run (after the warmup), at least {MIN_STEPS} unless --few-steps")
+    p.add_argument("--few-steps", action="store_true",
+                   help=f"allow fewer than {MIN_STEPS} measured steps: a smoke check whose figures are not measurements")
     p.add_argument("--warmup", type=int, default=2, help="steps run before measuring")
     p.add_argument("--datasets", nargs="+", default=["hh", "wordsort"], choices=["hh", "wordsort"])
     p.add_argument("--losses", nargs="+", default=["dpo", "nca", "kto"], choices=["dpo", "nca", "kto"])
@@ -502,6 +510,14 @@ def main(argv=None) -> None:
         return
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.batch < 2:
         raise SystemExit("error: need --steps >= 1, --warmup >= 0, --repeats >= 1 and --batch >= 2")
+    if args.steps < MIN_STEPS and not args.few_steps:
+        raise SystemExit(f"error: --steps {args.steps}: fewer than {MIN_STEPS} measured steps give artefacts, not "
+                         f"throughput (one slow step decides the ratio); use --steps {MIN_STEPS} or more, or "
+                         "--few-steps for a smoke check")
+    few = f"SMOKE CHECK: {args.steps} measured steps (< {MIN_STEPS}): these figures are not measurements" \
+        if args.steps < MIN_STEPS else None
+    if few:
+        print(few, flush=True)
     if not args.skip_trl and "dpo" in args.losses and importlib.util.find_spec("trl") is None:
         raise SystemExit("error: TRL is not installed: pip install trl (a benchmark-only dependency) "
                          "or pass --skip-trl")
@@ -522,6 +538,8 @@ def main(argv=None) -> None:
     print(load_line("after") + "\n")
     print(table([(spec, median_run(results)) for spec, results in runs]))
     print(ratio_lines(runs))
+    if few:
+        print(few)
     if args.json:
         args.json.write_text(json.dumps([{"spec": s, "results": r} for s, r in runs], indent=1))
 

@@ -1,9 +1,9 @@
 """`make demo`: the embedded default end to end, offline, on CPU, with a report of what each loss achieved.
 
     python -m showcase.demo                  # full demo -> demo_out/report/ (about 20 min on 2 CPU cores)
-    python -m showcase.demo --quick          # a reduced pipeline in a few minutes (what tests/test_demo.py runs)
+    python -m showcase.demo --quick          # a smoke test of every stage in a few minutes (tests/test_demo.py)
     python -m showcase.demo --runs dpo,nca   # only some alignment runs (SFT always runs: their starting point)
-    python -m showcase.demo --set nca:loss.beta=0.5 --set dpo:lr=2e-4    # extra train.py overrides for one loss
+    python -m showcase.demo --set nca:loss.beta=0.1 --set dpo:lr=2e-4    # extra train.py overrides for one loss
     python -m showcase.demo --online none    # without the online section (loop.py)
 
 The CPU-scale analogue of the DPO paper's controlled experiment (Rafailov et al. 2023, Sec. 6.1): the built-in
@@ -45,35 +45,17 @@ REPO = Path(__file__).resolve().parents[1]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "TOKENIZERS_PARALLELISM": "false"}
 
-# Hyper-parameters for the 5M-parameter tiny model, measured on this task (the papers' defaults are for 7B models:
-# lr 5e-7 changes nothing here in minutes, and a larger lr with beta 0.1 lets DPO push the chosen response down
-# with the rejected one until sampling degenerates). The report lists them; --set changes one.
-SFT_OVERRIDES = ["lr=1e-3", "warmup_steps=10"]
-ALIGN_COMMON = ["lr=1e-4", "warmup_steps=5"]
-
-# Alignment runs in order: run name -> (loss config, overrides after ALIGN_COMMON). The five the demo must show,
-# the cheap extras, then DPO and NCA at the DPO paper's beta 0.1 side by side (the NCA paper's Figure 2).
-RUNS = {
-    "dpo": ("dpo", ["loss.beta=0.5", "lr=5e-5"]),   # lr 1e-4: no clear gain; 3e-4: lower than SFT
-    "kto": ("kto", ["loss.beta=0.5", "loss.desirable_weight=3.0"]),   # KTO paper: weight the 1-in-4 desirable
-    "nca": ("nca", ["loss.beta=0.5"]),
-    "infonca": ("infonca", ["loss.beta=0.5", "lr=5e-5"]),   # at lr 1e-4 its samples degenerate at temperature 1
-    # CUT lowers the reward here: tokens of a judged negative that the judgment does not make likelier get plain
-    # MLE, and the tiny model barely conditions on judgments yet, so it mostly learns the faulty answers.
-    "cut": ("cut", ["lr=3e-5"]),
-    "ipo": ("ipo", ["loss.tau=0.5", "lr=5e-5"]),
-    "cdpo": ("cdpo", ["loss.beta=0.5", "lr=5e-5"]),
-    "ncapair": ("ncapair", ["loss.beta=0.5"]),
-    "slic": ("slic", []),
-    "simpo": ("simpo", ["lr=2e-5"]),   # reference-free: log p(chosen) drifts down (at 1e-4 and 2e-5 alike)
-    "orpo": ("orpo", []),
-    "dpo-beta0.1": ("dpo", ["loss.beta=0.1"]),
-    "nca-beta0.1": ("nca", ["loss.beta=0.1"]),
-}
+# Alignment runs in order: run name -> (loss config, train.py overrides). Each loss trains with the tiny model's
+# settings in config/tuning/tiny_<loss>.yaml (what `python train.py loss=<loss> model.load_from=...` uses too);
+# the last two are DPO and NCA at the DPO paper's beta 0.1 and one lr, side by side (the NCA paper's Figure 2).
+RUNS = {name: (name, []) for name in ("dpo", "kto", "nca", "infonca", "cut", "ipo", "cdpo", "ncapair", "slic",
+                                      "simpo", "orpo")}
+RUNS.update({"dpo-beta0.1": ("dpo", ["loss.beta=0.1", "model.lr=1e-4"]),
+             "nca-beta0.1": ("nca", ["loss.beta=0.1", "model.lr=1e-4"])})
 QUICK_RUNS = ("dpo", "nca", "kto", "cut")
 
-# Online loops (loop.py) from the SFT checkpoint: run name -> its loss, trained with that loss's offline overrides
-# above. Every round samples ONLINE_K answers per training prompt (the K NCA's groups need; DPO pairs the best
+# Online loops (loop.py) from the SFT checkpoint: run name -> its loss, trained with that loss's settings (the tiny
+# model's config/tuning/tiny_<loss>.yaml, as offline). Every round samples ONLINE_K answers per training prompt (the K NCA's groups need; DPO pairs the best
 # with the worst; CUT learns from the critiques of the faulty ones); the task labels them.
 ONLINE_RUNS = {"online-cut": "cut", "online-nca": "nca", "online-dpo": "dpo"}
 ONLINE_K = 4
@@ -94,9 +76,9 @@ class Scale:
     sft_examples: int
     align_examples: int
     eval_every: int
-    n_eval_examples: int
+    n_eval_examples: int     # held-out prompts of the in-training evaluations = the report's log p(chosen) prompts
+    eval_batch_size: int     # divides n_eval_examples, so every evaluation covers exactly those prompts
     n_samples: int
-    n_logp_prompts: int
     batch_size: int
     max_new_tokens: int
     online_rounds: int             # loop.py rounds after round 0
@@ -106,12 +88,16 @@ class Scale:
     options: tuple[str, ...] = field(default=())   # extra overrides for every train.py run
 
 
-FULL = Scale(sft_examples=9600, align_examples=1920, eval_every=320, n_eval_examples=64, n_samples=200,
-             n_logp_prompts=200, batch_size=32, max_new_tokens=32, online_rounds=3, online_prompts=128,
+FULL = Scale(sft_examples=9600, align_examples=1920, eval_every=320, n_eval_examples=200, eval_batch_size=40,
+             n_samples=200, batch_size=32, max_new_tokens=32, online_rounds=3, online_prompts=128,
              online_epochs=2, online_batch_size=16)
-QUICK = Scale(sft_examples=192, align_examples=48, eval_every=24, n_eval_examples=8, n_samples=16,
-              n_logp_prompts=16, batch_size=16, max_new_tokens=16, online_rounds=2, online_prompts=8,
+# --quick is a smoke test: every stage runs, in minutes, on budgets far too small to train anything (SFT sees 192
+# examples), so its report and console say SMOKE TEST and its numbers are not results.
+QUICK = Scale(sft_examples=192, align_examples=48, eval_every=24, n_eval_examples=16, eval_batch_size=16,
+              n_samples=16, batch_size=16, max_new_tokens=16, online_rounds=2, online_prompts=8,
               online_epochs=1, online_batch_size=4, options=("++dataset_options.wordsort.n_prompts=64",))
+SMOKE_TEST = ("every stage ran, on budgets far too small to train the model; these numbers are not results. "
+              "`make demo` (without --quick) gives the real comparison.")
 TEMPERATURE = 1.0      # sample the policy as trained: alignment must move the distribution, not just its mode
 # One torch thread per stage, `--jobs` stages at once: the tiny model gains little from a second thread, and two
 # threads on a core another process also wants stall each other (5 s/step instead of 0.5 s measured here).
@@ -130,7 +116,8 @@ class DemoError(Exception):
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m showcase.demo", description="The embedded default end to end, with a report.")
     p.add_argument("--out", type=Path, default=REPO / "demo_out", help="output folder (default demo_out/)")
-    p.add_argument("--quick", action="store_true", help="reduced pipeline (a few minutes): what the tests run")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: every stage in a few minutes, numbers not meaningful (what the tests run)")
     p.add_argument("--runs", default=None,
                    help=f"comma-separated alignment runs (default: {','.join(RUNS)}; quick: {','.join(QUICK_RUNS)})")
     p.add_argument("--set", action="append", default=[], metavar="RUN:KEY=VALUE",
@@ -187,7 +174,8 @@ def train_command(name: str, loss: str, scale: Scale, out: Path, overrides: list
     examples = scale.sft_examples if sft_policy is None else scale.align_examples
     argv = [sys.executable, "train.py", f"loss={loss}", f"exp_name={name}", f"cache_dir={out / 'runs'}",
             f"n_examples={examples}", f"eval_every={scale.eval_every}", f"n_eval_examples={scale.n_eval_examples}",
-            f"model.batch_size={scale.batch_size}", "export_hf=false", "overwrite=true", *scale.options]
+            f"model.batch_size={scale.batch_size}", f"model.eval_batch_size={scale.eval_batch_size}",
+            "export_hf=false", "overwrite=true", *scale.options]
     if sft_policy is not None:
         argv.append(f"model.load_from={sft_policy}")
     return argv + overrides
@@ -418,10 +406,12 @@ def run_demo(args) -> Path:
     if args.jobs < 1:
         raise DemoError(f"--jobs {args.jobs}: run at least one stage at a time (--jobs 1 or more)")
     out = args.out.resolve()
-    overrides = {"sft": merged(SFT_OVERRIDES, extra["sft"])}
-    overrides.update({n: merged(ALIGN_COMMON, RUNS[n][1], extra[n]) for n in runs})
-    overrides.update({n: merged(ALIGN_COMMON, RUNS[ONLINE_RUNS[n]][1], extra[n]) for n in online})
+    overrides = {"sft": merged(extra["sft"])}
+    overrides.update({n: merged(RUNS[n][1], extra[n]) for n in runs})
+    overrides.update({n: merged(RUNS[ONLINE_RUNS[n]][1], extra[n]) for n in online})
     runner = Runner(out, args.jobs, args.fresh)
+    if args.quick:
+        runner.say(f"SMOKE TEST (--quick): {SMOKE_TEST}")
     runner.say(f"{len(models)} models ({', '.join(models)}) on the built-in wordsort task, up to {args.jobs} stages "
                f"at a time -> {out} (logs in {out / 'logs'})")
     if args.judge_url:
@@ -436,7 +426,8 @@ def run_demo(args) -> Path:
         "samples": {n: f"samples/{n}.json" for n in models}, "overrides": overrides, "timings": runner.timings,
         "online": {n: {"loss": ONLINE_RUNS[n], "dir": f"online/{n}"} for n in online},
         "judge": f"{args.judge or 'compare.py default'} at {args.judge_url}" if args.judge_url else None,
-        "settings": {"quick": args.quick, "n_samples": scale.n_samples, "n_logp_prompts": scale.n_logp_prompts,
+        "settings": {"quick": args.quick, "smoke_test": SMOKE_TEST if args.quick else None,
+                     "n_samples": scale.n_samples, "n_logp_prompts": scale.n_eval_examples,
                      "temperature": TEMPERATURE, "jobs": args.jobs, "online_k": ONLINE_K,
                      **{k: getattr(scale, k) for k in ("sft_examples", "align_examples", "batch_size",
                                                        "online_rounds", "online_prompts", "online_epochs",
@@ -448,6 +439,8 @@ def run_demo(args) -> Path:
     path = report.build(out)
     print(path.read_text(encoding="utf-8"), flush=True)
     runner.say(f"done in {(time.perf_counter() - runner.started) / 60:.1f} min; report in {path.parent}")
+    if args.quick:
+        runner.say(f"SMOKE TEST (--quick): {SMOKE_TEST}")
     return path
 
 

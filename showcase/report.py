@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ from omegaconf import OmegaConf
 import dataloader
 from feedbackalign import builders, checkpoints, models, online, task
 from feedbackalign.errors import DataError
+from feedbackalign.fileio import make_temporary_folder
 from feedbackalign.logprobs import sequence_logps
 from feedbackalign.stats import mean_ci, wilson_interval
 
@@ -193,24 +193,58 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def settings_text(manifest: dict) -> str:
-    """The hyper-parameters each run got (the demo's overrides of config/)."""
-    lines = []
-    for name, overrides in manifest["overrides"].items():
-        lines.append(f"- `{name}` (loss={manifest['losses'][name]}): `" + " ".join(overrides) + "`")
+LOSS_NAMING = ("name", "trainer", "dataloader", "data")   # loss config keys that are not hyper-parameters
+TUNING_NOTE = (
+    "The settings are the tiny model's defaults in `config/tuning/tiny_<loss>.yaml` (each file says how its values "
+    "were chosen), and they are not equally tuned: more than one learning rate was tried for DPO, InfoNCA and "
+    "SimPO, and two betas for DPO and NCA (the beta0.1 runs); KTO's desirable weight follows the KTO paper; IPO "
+    "and cDPO reuse DPO's lr, NCA-pair NCA's; CUT, SLiC and ORPO were not swept. The table compares these "
+    "settings, not each loss at its best.")
+
+
+def hyper_parameters(cfg) -> str:
+    """The loss's own settings of a run (`beta 0.5, label_smoothing 0.0`)."""
+    loss = OmegaConf.to_container(cfg.loss, resolve=True)
+    return ", ".join(f"{k} {v}" for k, v in loss.items() if k not in LOSS_NAMING) or "—"
+
+
+def settings_table(configs: dict, manifest: dict) -> str:
+    """What each run trained with, read from its saved config.yaml, and the overrides the demo passed."""
+    lines = ["| run | loss | lr | warmup steps | batch | examples | seed / init seed | loss settings | demo overrides |",
+             "|" + "---|" * 9]
+    for name, cfg in configs.items():
+        extra = " ".join(manifest["overrides"].get(name, [])) or "—"
+        lines.append(f"| {name} | {cfg.loss.name} | {cfg.lr:g} | {cfg.warmup_steps} | {cfg.model.batch_size} | "
+                     f"{cfg.n_examples} | {cfg.seed} / {cfg.model.init_seed} | {hyper_parameters(cfg)} | {extra} |")
     return "\n".join(lines)
 
 
-def markdown(rows: list[dict], manifest: dict, sampling: dict) -> str:
-    """report.md; `sampling` is the eval.py config the samples were drawn with."""
+def seeds_text(configs: dict) -> str:
+    seeds = sorted({int(cfg.seed) for cfg in configs.values()})
+    return (f"One run per model, seed {', '.join(map(str, seeds))} (data order, sampling; init seed of the tiny "
+            "model as listed): the 95% intervals above are over prompts, not over seeds or retuning, so neither a "
+            "ranking of the losses nor a difference inside their intervals is a finding.")
+
+
+TITLE = "feedbackalign demo: alignment losses on the built-in `wordsort` task"
+
+
+def heading(settings: dict) -> list[str]:
+    """The title; a --quick run's says SMOKE TEST, with why its numbers are not results (demo.SMOKE_TEST)."""
+    if not settings["quick"]:
+        return [f"# {TITLE}", ""]
+    why = settings.get("smoke_test") or "--quick budgets are far too small to train; these numbers are not results."
+    return [f"# SMOKE TEST (--quick): {TITLE}", "", f"**Smoke test: {why}**", ""]
+
+
+def markdown(rows: list[dict], manifest: dict, sampling: dict, configs: dict) -> str:
+    """report.md; `sampling` is the eval.py config the samples were drawn with, `configs` each run's config."""
     s = manifest["settings"]
     times = manifest["timings"].values()
     cpu = sum(t["cpu"] for t in times)
     wall = max(t["end"] for t in times) - min(t["start"] for t in times)
     judge = manifest.get("judge") or "not configured (set OPENAI_BASE_URL or pass --judge-url for judge win rates)"
-    return "\n".join([
-        "# feedbackalign demo: alignment losses on the built-in `wordsort` task",
-        "",
+    return "\n".join(heading(s) + [
         f"Machine: {manifest['machine']}. {'Quick' if s['quick'] else 'Full'} settings: {wall / 60:.1f} min wall "
         f"clock from the first stage's start to the last one's end, {cpu / 60:.1f} min of CPU time in all. Every "
         f"model answers the same {s['n_samples']} held-out test prompts (eval.py ++mode=sample, temperature "
@@ -224,9 +258,12 @@ def markdown(rows: list[dict], manifest: dict, sampling: dict) -> str:
         "interval excludes 0.",
         "- win / tie / loss: prompt by prompt against the SFT model's answer, by true reward; ties counted apart; "
         "win-rate interval: Wilson 95%.",
-        f"- Δ held-out log p(chosen): mean summed log-probability of the best response on {s['n_logp_prompts']} "
-        "test prompts, minus the SFT model's (NCA paper, Figure 2: DPO lowers it, NCA keeps it).",
+        f"- Δ held-out log p(chosen): mean summed log-probability of the best response on the first "
+        f"{s['n_logp_prompts']} test prompts, minus the SFT model's (NCA paper, Figure 2: DPO lowers it, NCA keeps "
+        "it); the training runs evaluate on the same prompts, so chosen_logp.png starts at the SFT value and "
+        "ends at each run's.",
         f"- LLM judge: {judge}.",
+        f"- {seeds_text(configs)}",
         "",
         "![training curves](training_curves.png)",
         "![held-out log p(chosen) and log p(rejected), DPO vs NCA](chosen_logp.png)",
@@ -235,9 +272,12 @@ def markdown(rows: list[dict], manifest: dict, sampling: dict) -> str:
         "## Settings",
         "",
         "Each alignment run starts from the SFT checkpoint (`model.load_from=<sft run>/LATEST/policy.pt`). "
-        "Overrides passed to train.py:",
+        + TUNING_NOTE,
         "",
-        settings_text(manifest),
+        settings_table(configs, manifest),
+        "",
+        "Score your own samples of the task: `python -m feedbackalign.task score <samples.json> ...` (eval.py "
+        "++mode=sample writes them).",
         "",
         "## Stage timings (wall clock / CPU seconds)",
         "",
@@ -259,14 +299,14 @@ def _figure(n_panels: int):
     return fig, list(axes.flat)
 
 
-def plot_training_curves(metrics: dict[str, list[dict]], path: Path) -> None:
+def plot_training_curves(metrics: dict[str, list[dict]], path: Path) -> Figure:
     """One panel per run: training loss (EMA-smoothed) and the held-out eval loss."""
     fig, axes = _figure(len(metrics))
     for ax, (name, records) in zip(axes, metrics.items()):
         steps, values = series(records, "loss")
         if steps:
-            ax.plot(steps, values, color="0.8", lw=0.8)
-            ax.plot(steps, ema(values), label="train (EMA)")
+            ax.plot(steps, values, color="0.8", lw=0.8, label="train (each step)")
+            ax.plot(steps, ema(values), label="train (EMA 0.9)")
         steps, values = series(records, "eval/loss")
         if steps:
             ax.plot(steps, values, "o-", ms=3, label="held-out")
@@ -276,46 +316,60 @@ def plot_training_curves(metrics: dict[str, list[dict]], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig
 
 
 FIGURE2 = (("dpo", "C0", "-"), ("nca", "C2", "-"), ("dpo-beta0.1", "C0", "--"), ("nca-beta0.1", "C2", "--"))
 
 
-def plot_chosen_logp(metrics: dict[str, list[dict]], path: Path) -> None:
-    """Held-out log p(chosen) and log p(rejected) over training, DPO versus NCA (the NCA paper's Figure 2)."""
+def plot_chosen_logp(metrics: dict[str, list[dict]], sft_logp: float, n_prompts: int, path: Path) -> Figure:
+    """Held-out log p(chosen) and log p(rejected) over training, DPO versus NCA (the NCA paper's Figure 2), on the
+    report's held-out prompts; the SFT model's log p(chosen) from the table is the labelled baseline."""
     fig, axes = _figure(2)
     for ax, side in zip(axes, ("chosen", "rejected")):
         for name, colour, style in FIGURE2:
             steps, values = series(metrics.get(name, []), f"eval/logps/{side}")
             if steps:
                 ax.plot(steps, values, style, color=colour, marker="o", ms=3, label=name)
-        ax.set_title(f"held-out log p({side}) during training")
+        if side == "chosen":
+            ax.axhline(sft_logp, color="0.3", ls=":", lw=1, label="SFT model (table)")
+        ax.set_title(f"held-out log p({side}), {n_prompts} test prompts", fontsize=9)
         ax.set_xlabel("step")
-        ax.set_ylabel("summed log-prob")
+        ax.set_ylabel("mean summed log-prob")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_true_reward(rows: list[dict], path: Path) -> None:
-    """Mean true reward per model with its 95% interval; the SFT level as a line; green / red where the paired
-    gain over SFT is clearly positive / negative."""
-    fig = Figure(figsize=(max(4.2, 0.6 * len(rows) + 1.5), 3.6))
+VERDICT_COLOURS = {"higher": "C2", "no clear change": "C0", "lower": "C3"}
+
+
+def plot_true_reward(rows: list[dict], path: Path) -> Figure:
+    """Mean true reward per model with its 95% interval on the full 0-10 scale; the SFT baseline as a labelled
+    grey bar and line; colours (in the legend) by whether the paired gain over SFT is clearly positive / negative."""
+    from matplotlib.patches import Patch
+
+    fig = Figure(figsize=(max(5.0, 0.6 * len(rows) + 2.5), 3.8))
     ax = fig.subplots()
     names = [r["run"] for r in rows]
     means = [r["reward"] for r in rows]
     errors = [[r["reward"] - r["reward_ci95"][0] for r in rows], [r["reward_ci95"][1] - r["reward"] for r in rows]]
-    colours = {"higher": "C2", "lower": "C3", "no clear change": "C0"}
-    ax.bar(names, means, yerr=errors, capsize=3, color=["0.6"] + [colours[r["verdict"]] for r in rows[1:]])
+    ax.bar(names, means, yerr=errors, capsize=3,
+           color=["0.6"] + [VERDICT_COLOURS[r["verdict"]] for r in rows[1:]])
     ax.axhline(rows[0]["reward"], color="0.3", ls=":", lw=1)
-    ax.set_ylim(max(0.0, min(r["reward_ci95"][0] for r in rows) - 0.5), 10)
+    ax.set_ylim(0, 10)
     ax.set_ylabel("mean true reward (0-10)")
-    ax.set_title("true reward on held-out prompts")
+    ax.set_title(f"true reward on {rows[0]['n']} held-out prompts (bars: 95% CI)", fontsize=9)
     ax.tick_params(axis="x", labelrotation=40)
     for label in ax.get_xticklabels():
         label.set_horizontalalignment("right")
+    handles = [Patch(color="0.6", label=f"{BASELINE} (baseline); dotted line: its level")]
+    handles += [Patch(color=c, label=f"gain over {BASELINE}: {v}") for v, c in VERDICT_COLOURS.items()]
+    ax.legend(handles=handles, fontsize=7, loc="lower left", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig
 
 
 # ---------------------------------------------------------------- the online loops
@@ -414,11 +468,12 @@ def build(out: Path) -> Path:
     manifest = read_json(out / "manifest.json", "demo manifest")
     rows = collect(out, manifest)
     metrics = {name: read_metrics(out / run) for name, run in manifest["runs"].items()}
-    tmp = Path(tempfile.mkdtemp(prefix=".report.", dir=out))
+    configs = {name: OmegaConf.load(out / run / "config.yaml") for name, run in manifest["runs"].items()}
+    tmp = make_temporary_folder(out, ".report.")
     try:
         sampling = read_json(out / manifest["samples"][BASELINE], "samples file")["config"]
         online_rows = collect_online(out, manifest, true_rewards(out / manifest["samples"][BASELINE]))
-        text = markdown(rows, manifest, sampling)
+        text = markdown(rows, manifest, sampling, configs)
         if online_rows:
             text += online_markdown(online_rows, rows, manifest)
             (tmp / "online.json").write_text(json.dumps(online_rows, indent=2) + "\n", encoding="utf-8")
@@ -426,7 +481,8 @@ def build(out: Path) -> Path:
         (tmp / "report.md").write_text(text, encoding="utf-8")
         (tmp / "results.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
         plot_training_curves(metrics, tmp / "training_curves.png")
-        plot_chosen_logp(metrics, tmp / "chosen_logp.png")
+        plot_chosen_logp(metrics, rows[0]["chosen_logp"], manifest["settings"]["n_logp_prompts"],
+                         tmp / "chosen_logp.png")
         plot_true_reward(rows, tmp / "true_reward.png")
         swap_in(tmp, out / "report")
     except BaseException:

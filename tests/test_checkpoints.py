@@ -16,7 +16,7 @@ import torch
 from feedbackalign import builders, checkpoints
 from feedbackalign.errors import CheckpointError
 from helpers import REPO, SMALL, make_config, make_trainer
-from trainers import TIMING_METRICS
+from feedbackalign.throughput import TIMING_METRICS
 
 # 4 DPO steps with warmup (scheduler state matters) and AdamW (optimizer state matters), a checkpoint every step
 RUN = ["loss=dpo", "exp_name=run", "model.batch_size=4", "n_examples=16", "warmup_steps=2",

@@ -3,6 +3,7 @@ closed form."""
 
 import json
 import math
+import os
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from feedbackalign import stats, task
+from feedbackalign.fileio import make_temporary_folder, write_json_atomic
 from showcase import report
 from showcase.demo import ONLINE_RUNS
 from helpers import run_script
@@ -61,6 +63,51 @@ def test_report_cli_names_the_missing_manifest(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "manifest.json does not exist" in err and "demo.py" in err
     assert not (tmp_path / "report").exists()
+
+
+def test_files_are_written_with_the_users_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+        folder = make_temporary_folder(tmp_path, ".report.")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    assert folder.stat().st_mode & 0o777 == 0o750
+
+
+ROWS = [{"run": "sft", "n": 4, "reward": 8.0, "reward_ci95": [7.0, 9.0], "verdict": "no clear change"},
+        {"run": "dpo", "n": 4, "reward": 9.0, "reward_ci95": [8.5, 9.5], "verdict": "higher"},
+        {"run": "cut", "n": 4, "reward": 6.0, "reward_ci95": [5.0, 7.0], "verdict": "lower"}]
+
+
+def legend_texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_plots_have_legends_labelled_baselines_and_full_axes(tmp_path):
+    fig = report.plot_true_reward(ROWS, tmp_path / "r.png")
+    ax = fig.axes[0]
+    assert ax.get_ylim() == (0.0, 10.0)
+    assert legend_texts(ax) == ["sft (baseline); dotted line: its level", "gain over sft: higher",
+                                "gain over sft: no clear change", "gain over sft: lower"]
+    assert "4 held-out prompts" in ax.get_title()
+    records = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5, "eval/loss": 0.7}]
+    curves = report.plot_training_curves({"dpo": records}, tmp_path / "c.png")
+    assert legend_texts(curves.axes[0]) == ["train (each step)", "train (EMA 0.9)", "held-out"]
+    logp = [{"step": 0, "eval/logps/chosen": -1.3, "eval/logps/rejected": -5.0}]
+    panels = report.plot_chosen_logp({"dpo": logp, "nca": logp}, -1.3, 16, tmp_path / "l.png").axes
+    assert legend_texts(panels[0]) == ["dpo", "nca", "SFT model (table)"]
+    assert "16 test prompts" in panels[0].get_title()
+    assert [line.get_ydata()[0] for line in panels[0].get_lines()][-1] == -1.3
+
+
+def test_benchmark_refuses_too_few_measured_steps(capsys):
+    from showcase import benchmark
+
+    with pytest.raises(SystemExit) as stopped:
+        benchmark.main(["--steps", "5", "--skip-trl", "--datasets", "wordsort"])
+    assert "fewer than 10 measured steps" in str(stopped.value) and "--few-steps" in str(stopped.value)
 
 
 # ---------------------------------------------------------------- the demo, as a user runs it
@@ -123,10 +170,11 @@ def test_failing_stage_stops_the_demo_with_its_message(tmp_path):
     assert not (out / "report").exists() and not (out / "runs" / "dpo").exists()
 
 
-def table_rows(markdown: str) -> dict[str, list[str]]:
-    """The main table's rows by run (the online section's table, after its heading, is left out)."""
-    markdown = markdown.split("\n## Online")[0]
-    lines = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+def table_rows(markdown: str, table: int = 0) -> dict[str, list[str]]:
+    """The rows of the report's `table`-th markdown table (0: results, 1: settings; the online
+    section's table comes after them), by run name."""
+    tables = re.findall(r"((?:^\|.*\n)+)", markdown, re.MULTILINE)
+    lines = [line for line in tables[table].splitlines() if line.startswith("| ") and not line.startswith("| run")]
     return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
 
 
@@ -152,8 +200,24 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     folder = out / "report"
-    rows = table_rows((folder / "report.md").read_text(encoding="utf-8"))
+    markdown = (folder / "report.md").read_text(encoding="utf-8")
+    rows = table_rows(markdown)
     assert list(rows) == QUICK_MODELS
+    # a smoke test says so, in the report's title and at the console's start and end
+    assert markdown.startswith("# SMOKE TEST (--quick):") and "these numbers are not results" in markdown
+    lines = result.stdout.splitlines()
+    assert "SMOKE TEST" in lines[0] and "SMOKE TEST" in lines[-1]
+    # the settings each run trained with: the tiny model's tuning files, one seed
+    settings = table_rows(markdown, 1)
+    assert settings["dpo"][1:4] == ["dpo", "5e-05", "5"] and "beta 0.5" in settings["dpo"][7]
+    assert settings["kto"][2] == "0.0001" and "desirable_weight 3.0" in settings["kto"][7]
+    assert settings["sft"][2] == "0.001" and "One run per model, seed 0" in markdown
+    # files readable as the umask allows (the test process's umask)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    for path in (folder / "report.md", out / "samples" / "dpo.json", out / "manifest.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
     for name in QUICK_MODELS:   # every model was trained, sampled and scored
         assert (out / "runs" / name / "LATEST" / "policy.pt").is_file()
         samples = json.loads((out / "samples" / f"{name}.json").read_text(encoding="utf-8"))["samples"]
@@ -184,6 +248,9 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     assert (folder / "online_rounds.png").read_bytes().startswith(PNG_MAGIC)
     dpo = report.read_metrics(out / "runs" / "dpo")
     assert any("eval/logps/chosen" in r for r in dpo) and dpo[0]["step"] == 0
+    # honest axes: the training evaluations score the report's held-out prompts, so chosen_logp.png starts at the
+    # table's SFT value (step 0 evaluates the SFT weights)
+    assert dpo[0]["eval/logps/chosen"] == pytest.approx(results["sft"]["chosen_logp"], rel=1e-4)
     assert nca_group_size(out / "runs" / "nca") >= 4
 
     again = run_script("-m", "showcase.demo", "--quick", "--out", str(out), timeout=300, env={"OPENAI_BASE_URL": ""})

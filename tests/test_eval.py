@@ -348,6 +348,7 @@ ERRORS = {  # name: (how to make the case, needle in the message)
     "no LATEST": (lambda t, r: [f"--config-path={config_only_run(t, r)}"], "has no checkpoint"),
     "unknown mode": (lambda t, r: [f"--config-path={r['sft']}", "mode=train"], "mode=train"),
     "unknown key": (lambda t, r: [f"--config-path={r['sft']}", "n_smaples=3"], "n_smaples"),
+    "typo with ++": (lambda t, r: [f"--config-path={r['sft']}", "++n_sample=10"], "did you mean n_samples?"),
     "unknown backend": (lambda t, r: [f"--config-path={r['sft']}", "backend=tgi"], "backend=tgi"),
     "bad temperature": (lambda t, r: [f"--config-path={r['sft']}", "temperature=-1"], "temperature=-1"),
     "missing checkpoint": (lambda t, r: [f"--config-path={r['sft']}", f"checkpoint={t / 'x.pt'}"], "checkpoint="),

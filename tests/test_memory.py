@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from feedbackalign import builders, memory, models
-from helpers import REPO, make_config, run_script
+from helpers import make_config, run_script
 
 GIB = 2 ** 30
 MID = Path(__file__).resolve().parent / "fixtures" / "architectures" / "llama-mid.json"  # 29M parameters

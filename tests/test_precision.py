@@ -35,7 +35,9 @@ LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "mode
 
 
 def losses(trainer) -> list[dict]:
-    return [json.loads(line) for line in trainer.metrics_path.read_text().splitlines()]
+    """The training steps' records (not the evaluation after the last step)."""
+    records = [json.loads(line) for line in trainer.metrics_path.read_text().splitlines()]
+    return [r for r in records if "loss" in r]
 
 
 def dpo_at_lr_1e6(run_root, *overrides):

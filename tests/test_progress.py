@@ -56,7 +56,7 @@ def test_evaluation_and_the_fingerprint_show_progress(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, "loss=dpo", "n_eval_examples=16")
     terminal = on_terminal(monkeypatch)
     trainer.evaluate()
-    assert bar_lines(terminal.getvalue(), "eval")[-1].startswith(f"eval: 100%") and \
+    assert bar_lines(terminal.getvalue(), "eval")[-1].startswith("eval: 100%") and \
         f"{len(trainer.eval_loader)}/{len(trainer.eval_loader)} [" in terminal.getvalue()
     ref_cache.weights_fingerprint(trainer.reference)
     mb = sum(t.numel() * t.element_size() for t in trainer.reference.state_dict().values()) / 1e6

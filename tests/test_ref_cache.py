@@ -14,7 +14,7 @@ import torch
 from feedbackalign import ref_cache
 from feedbackalign.errors import CheckpointError
 from helpers import make_trainer
-from trainers import TIMING_METRICS
+from feedbackalign.throughput import TIMING_METRICS
 
 RUN = ["n_examples=16", "++dataset_options.wordsort.n_prompts=16", "n_eval_examples=0"]
 

@@ -24,7 +24,7 @@ import torch
 from feedbackalign import checkpoints, fileio, validation
 from feedbackalign.errors import ConfigError, DataError, EnvError
 from helpers import REPO, make_config, make_trainer, run_script
-from trainers import TIMING_METRICS
+from feedbackalign.throughput import TIMING_METRICS
 
 
 def snapshot(root: Path) -> dict:

@@ -215,3 +215,25 @@ def test_score_samples_errors_name_the_sample_and_key():
         score_samples([{"prompt": P, "policy": "air"}, {"prompt": P, "output": "air"}])
     with pytest.raises(DataError, match="sample 0: .*no 'Sort"):
         score_samples([{"prompt": "hello", "policy": "air"}])
+
+
+def test_score_command_gives_the_true_reward_of_a_samples_file(tmp_path, capsys):
+    """`python -m feedbackalign.task score FILE`: the mean true reward of eval.py's samples, its 95% interval
+    (stats.mean_ci) and the perfect share; a missing file is one line and exit 2."""
+    prompt = "<|user|>\nSort these words alphabetically: pen fig air\n<|assistant|>\n"
+    answers = ["air fig pen", "air pen fig", "pen fig air", "air fig pen"]
+    samples = [{"id": str(i), "prompt": prompt, "policy": a} for i, a in enumerate(answers)]
+    (tmp_path / "mine.json").write_text(json.dumps({"samples": samples}))
+    (tmp_path / "list.json").write_text(json.dumps(samples[:1]))
+    assert task.main(["score", str(tmp_path / "mine.json"), str(tmp_path / "list.json")]) == 0
+    rewards = [true_reward(prompt, a) for a in answers]
+    mean = sum(rewards) / 4
+    half = 1.959963984540054 * (sum((r - mean) ** 2 for r in rewards) / 3) ** 0.5 / 2
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{tmp_path / 'mine.json'}: 4 samples, true reward {mean:.2f} (95% CI {mean - half:.2f}-"
+                   f"{mean + half:.2f}), perfect 50%",
+                   f"{tmp_path / 'list.json'}: 1 sample, true reward 10.00 (95% CI 10.00-10.00), perfect 100%"]
+    with pytest.raises(SystemExit) as stopped:
+        task.main(["score", str(tmp_path / "nope.json")])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and err.splitlines() == [err] and "nope.json does not exist" in err

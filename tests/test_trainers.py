@@ -30,7 +30,7 @@ def loss_on(trainer, batch):
     ("kto", 0.5),                              # 1 - sigma(beta (0 - 0)), z0 = 0
 ])
 def test_policy_equal_to_reference_gives_closed_form(tmp_path, loss, expected):
-    trainer = make_trainer(tmp_path, f"loss={loss}")
+    trainer = make_trainer(tmp_path, f"loss={loss}", "~tuning")   # the loss yaml's values, not the tiny model's
     with torch.no_grad():
         value, _ = loss_on(trainer, next(iter(trainer.train_loader)))
     assert value.item() == pytest.approx(expected, rel=1e-5)
@@ -60,8 +60,8 @@ def test_each_loss_learns_through_the_full_loop(tmp_path, loss):
     with z0 (its reward gap must widen instead); PPO's clipped surrogate moves with the policy ratio (its critic
     loss must fall); GRPO's KL term grows as the policy leaves the reference (its best-over-worst log-ratio margin
     must widen)."""
-    trainer = make_trainer(tmp_path, f"loss={loss}", "n_examples=24", "lr=3e-3", "eval_every=24",
-                           "++dataset_options.wordsort.n_prompts=24")
+    trainer = make_trainer(tmp_path, f"loss={loss}", "~tuning", "n_examples=24", "lr=3e-3", "eval_every=24",
+                           "++dataset_options.wordsort.n_prompts=24")   # the loss yaml's values, a large lr
     batch = next(iter(trainer.train_loader))
     with torch.no_grad():
         before, before_metrics = loss_on(trainer, batch)

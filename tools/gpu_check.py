@@ -84,7 +84,6 @@ def overrides(settings: dict, work: Path, loss: str, layout: str) -> list[str]:
 def run_ours(settings: dict, work: Path, loss: str, layout: str, device) -> dict:
     """One of our runs: warmup + measured optimizer steps of the real trainer; tokens/s and MFU from its meter
     over the measured steps; peak memory of the whole run against the dry-run plan of the same config."""
-    import torch
 
     from feedbackalign import builders, distributed, memory
     from feedbackalign.configuration import compose
@@ -174,7 +173,7 @@ def run_trl(settings: dict, work: Path, device) -> dict:
     """TRL's DPOTrainer on the same model shape, pairs, batch and device: tokens/s and peak memory."""
     import torch
 
-    from feedbackalign import builders, memory, models
+    from feedbackalign import builders, models
     from feedbackalign.configuration import compose
     from showcase.benchmark import pair_rows, trl_dpo, trl_step_work
 
