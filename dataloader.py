@@ -231,10 +231,11 @@ class DataLoader:
         self._buckets = self._bucket_items()
         self.steps_per_epoch = len(self.epoch_batches(0))
         if self.steps_per_epoch == 0:
-            need = f"one global batch ({batch_size_key}={self.batch_size})" if self.drop_last else \
-                f"one item per process ({self.world_size * self.accum})"
-            raise DataError(f"{self.name}: {self._size_text()} fewer than {need} on split '{split}'; lower "
-                            f"{batch_size_key} or add data")
+            if self.drop_last:
+                raise DataError(f"{self.name}: {self._size_text()} fewer than one global batch ({batch_size_key}="
+                                f"{self.batch_size}) on split '{split}'; lower {batch_size_key} or add data")
+            raise DataError(f"{self.name}: {self._size_text()} fewer than one item per process "
+                            f"({self.world_size * self.accum}) on split '{split}'; add data or run fewer processes")
         if not self.drop_last:
             left = len(self.items) - sum(len(b) for b in self.epoch_batches(0))
             if left:

@@ -78,11 +78,13 @@ def checkpoint_cases(disk_a: Path, disk_b: Path) -> dict:
 
 
 def cache_case(out: Path, disk_c: Path) -> dict:
-    """The reference cache pass writes onto a 48 KB disk (the check fooled, so SQLite itself hits ENOSPC)."""
+    """The reference cache pass writes onto a 48 KB disk (the check fooled, so SQLite itself hits ENOSPC): 256
+    sequences (~90 KB of rows) in rounds of at most 1024 tokens, so some rounds are written before the disk fills."""
     cache_dir = disk_c / "refcache"
-    result = train(f"cache_dir={out / 'cache_runs'}", "loss=dpo", "n_examples=64", "model.batch_size=8",
+    result = train(f"cache_dir={out / 'cache_runs'}", "loss=dpo", "n_examples=128", "model.batch_size=8",
                    "n_eval_examples=0", "export_hf=false", "cache_reference_logprobs=true",
-                   f"reference_cache_dir={cache_dir}", "++dataset_options.wordsort.n_prompts=64", disk_check=False)
+                   "model.max_tokens_per_forward=1024", f"reference_cache_dir={cache_dir}",
+                   "++dataset_options.wordsort.n_prompts=128", disk_check=False)
     files = list(cache_dir.glob("*.sqlite"))
     result["cache_files"] = [str(p) for p in files]
     if files:

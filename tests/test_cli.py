@@ -22,7 +22,7 @@ def check(*argv):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["+beta=0.5"], "+beta=0.5: there is no key 'beta' (loss.beta exists with loss=cdpo|dpo|infonca|kto|nca|"),
+    (["+beta=0.5"], "+beta=0.5: there is no key 'beta' (loss.beta exists with loss=cdpo|dpo|grpo|infonca|kto|nca|"),
     (["loss=dpo", "+beta=0.5"], "there is no key 'beta' (did you mean loss.beta?)"),
     (["loss=dpo", "+loss.betta=0.5"], "there is no key 'loss.betta' (did you mean loss.beta?)"),
     (["loss=dpo", "++loss.betta=0.5"], "there is no key 'loss.betta' (did you mean loss.beta?)"),
@@ -102,9 +102,8 @@ def test_a_bad_dataset_is_reported_before_an_existing_run_directory(tmp_path):
     assert (tmp_path / "sft_tiny" / "config.yaml").read_text() == "old run\n"
 
 
-def test_a_small_eval_split_names_model_eval_batch_size(tmp_path):
-    with pytest.raises(DataError, match=r"\(model.eval_batch_size=8\) on split 'test'; lower model.eval_batch_size"):
-        make_trainer(tmp_path, "model.batch_size=2", "++dataset_options.wordsort.n_prompts=4")
+def test_a_small_train_split_names_model_batch_size(tmp_path):
+    """(A small eval split is evaluated whole: tests/test_reliability.py.)"""
     with pytest.raises(DataError, match=r"\(model.batch_size=8\) on split 'train'; lower model.batch_size"):
         make_trainer(tmp_path, "++dataset_options.wordsort.n_prompts=4")
     assert not any(tmp_path.iterdir())

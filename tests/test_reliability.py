@@ -256,7 +256,7 @@ def test_read_json_lines_cuts_only_a_torn_tail(tmp_path):
 
 def test_a_torn_last_metrics_line_is_cut_on_resume(tmp_path):
     """A crash during step 3 (after checkpoint 2) left half a line and zeros: resume=true cuts them and writes
-    step 3 again, equal to the uninterrupted run's."""
+    step 3 again (and the final evaluation after it), equal to the uninterrupted run's."""
     run = ["loss=sft", "exp_name=run", "n_examples=24", "intermediate_checkpoints=8", "keep_checkpoints=3",
            "deterministic=true"]
     full = make_trainer(tmp_path, *run)
@@ -272,10 +272,11 @@ def test_a_torn_last_metrics_line_is_cut_on_resume(tmp_path):
     torch.use_deterministic_algorithms(False)
     records = [json.loads(line) for line in resumed.metrics_path.read_text().splitlines()]
     expected = [json.loads(line) for line in lines]
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [r["step"] for r in expected] == [1, 2, 3, 3]   # the last: final eval
     assert records[:2] == expected[:2]
-    assert {k: v for k, v in records[2].items() if k not in TIMING_METRICS} == \
-        pytest.approx({k: v for k, v in expected[2].items() if k not in TIMING_METRICS}, rel=1e-5)
+    for record, reference in zip(records[2:], expected[2:]):
+        assert {k: v for k, v in record.items() if k not in TIMING_METRICS} == \
+            pytest.approx({k: v for k, v in reference.items() if k not in TIMING_METRICS}, rel=1e-5)
 
 
 # ---------------------------------------------------------------- full disks
