@@ -139,6 +139,8 @@ def test_round_configurations(tmp_path):
 
 @pytest.mark.parametrize("args, phrase", [
     (["no_such_key=1"], "no_such_key"),
+    (["+n_respones=4"], "there is no key 'n_respones' (did you mean n_responses?)"),   # + / ++ checked too
+    (["loss=dpo", "++loss.betta=0.5"], "did you mean loss.beta?"),
     (["labeler=rm"], "reward_model=None is not valid"),
     (["reference=both"], "reference=both"),
     (["n_responses=4", "temperature=0"], "temperature=0"),

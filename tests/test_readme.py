@@ -93,12 +93,25 @@ def first_steps(tmp_path_factory, shared_data):
     return folder, results
 
 
+CACHE_DISK_COST = "tools/ref_cache_disk_cost.py"
+
+
+def test_the_cache_disk_cost_command_runs_on_real_data(shared_data):
+    """The README's cache disk figures come from this command; here on 16 HH pairs (the README's run: 1024)."""
+    assert f"`python {CACHE_DISK_COST}`" in README
+    result = run_script(CACHE_DISK_COST, "--pairs", "16", "--data_dir", str(shared_data))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("max_length=")]
+    assert [line.split(":")[0] for line in lines] == ["max_length=128", "max_length=768"]
+    assert all(re.search(r"32 sequences, \d+ response tokens each, [\d.]+ B/token", line) for line in lines)
+
+
 def test_every_command_is_run_checked_or_excused():
     for command in commands():
         words = command.split()
         runnable = command in NOT_RUN or words[0] == "make" or "train.py" in words or "loop.py" in words or \
             words[:2] == ["python", "eval.py"] or words[:2] == ["python", "-m"] or "compare.py" in words or \
-            "label.py" in words
+            "label.py" in words or words[:2] == ["python", CACHE_DISK_COST]
         assert runnable, f"the README's `{command}` is neither run nor checked here: add it to tests/test_readme.py"
 
 
