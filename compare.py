@@ -628,15 +628,17 @@ def api_key(env_name: str) -> str:
     return key
 
 
-def build_parser() -> argparse.ArgumentParser:
-    def positive(kind):
-        def check(text):
-            value = kind(text)
-            if value <= 0:
-                raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-            return value
-        return check
+def positive(kind):
+    """An argparse type: `kind(text)`, refused unless > 0 (shared by compare.py's and label.py's options)."""
+    def check(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return check
 
+
+def build_parser() -> argparse.ArgumentParser:
     def non_negative(text):
         if int(text) < 0:
             raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")

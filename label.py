@@ -38,14 +38,7 @@ from feedbackalign.errors import UserError, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
-    def positive(kind):
-        def check(text):
-            value = kind(text)
-            if value <= 0:
-                raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-            return value
-        return check
-
+    positive = compare.positive
     p = argparse.ArgumentParser(prog="label.py", description="Label an eval.py samples file with the task's true "
                                 "reward, a reward model or an LLM judge (see the module docstring).")
     p.add_argument("-f", "--samples", required=True, type=Path, help="samples JSON written by eval.py")
