@@ -231,7 +231,7 @@ def trl_dpo(policy, reference, rows: list[dict], tokenizer, work: Path, *, steps
         max_length=max_length, precompute_ref_log_probs=precompute, gradient_checkpointing=gradient_checkpointing,
         bf16=bf16, use_cpu=not torch.cuda.is_available(), report_to=[], logging_steps=steps, save_strategy="no",
         eval_strategy="no", train_sampling_strategy="sequential", lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=max_grad_norm, optim="adamw_torch_fused", seed=seed, dataloader_num_workers=0,
+        weight_decay=0.0, max_grad_norm=max_grad_norm, optim="adamw_torch", seed=seed, dataloader_num_workers=0,
         disable_tqdm=True)
     clock = Clock()
     trl = SameTokensDPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
@@ -429,7 +429,7 @@ PROFILE_GROUPS = {"matmul (linear layers, LM head)": ("aten::mm", "aten::addmm",
                   "gather/scatter (layout, attention rows)": ("index_select", "index_add", "gather", "scatter",
                                                               "index", "embedding"),
                   "log-softmax (logsumexp)": ("logsumexp", "exp", "sub"),
-                  "optimizer (AdamW)": ("_fused_adam", "_foreach", "lerp", "addcdiv", "addcmul", "sqrt")}
+                  "optimizer (AdamW)": ("_foreach", "lerp", "addcdiv", "addcmul", "sqrt")}
 
 
 def profile_rows(args) -> list[str]:
