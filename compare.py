@@ -55,7 +55,7 @@ import openai
 from feedbackalign.fileio import write_json_atomic
 from feedbackalign.progress import progress
 from feedbackalign.stats import wilson_interval
-from feedbackalign.errors import DataError, UserError
+from feedbackalign.errors import DataError, UserError, report
 
 try:  # advisory lock against two runs appending to one results file (POSIX only)
     import fcntl
@@ -738,9 +738,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def fail(message: str, code: int) -> int:
-    """Print one error line to stderr and return the exit code."""
-    print(f"compare.py: error: {message}", file=sys.stderr, flush=True)
-    return code
+    return report("compare.py", message, code)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

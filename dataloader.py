@@ -229,7 +229,9 @@ class DataLoader:
         if not self.drop_last and n_examples is not None:
             self.items = self.items[:int(n_examples)]   # an evaluation: the first n_examples items, once
         self._buckets = self._bucket_items()
-        self.steps_per_epoch = len(self.epoch_batches(0))
+        first_epoch = self.epoch_batches(0)
+        self.steps_per_epoch = len(first_epoch)
+        self.items_per_epoch = sum(map(len, first_epoch))   # every item but a dropped remainder
         if self.steps_per_epoch == 0:
             if self.drop_last:
                 raise DataError(f"{self.name}: {self._size_text()} fewer than one global batch ({batch_size_key}="
@@ -237,7 +239,7 @@ class DataLoader:
             raise DataError(f"{self.name}: {self._size_text()} fewer than one item per process "
                             f"({self.world_size * self.accum}) on split '{split}'; add data or run fewer processes")
         if not self.drop_last:
-            left = len(self.items) - sum(len(b) for b in self.epoch_batches(0))
+            left = len(self.items) - self.items_per_epoch
             if left:
                 warnings.warn(f"{self.name}: the last {left} item(s) of split '{split}' are fewer than one per "
                               f"process ({self.world_size * self.accum}) and are not evaluated")

@@ -59,7 +59,7 @@ import dataloader
 from feedbackalign import builders, checkpoints, models
 from feedbackalign.configuration import check_overrides, compose, halos_overrides
 from feedbackalign.errors import (CheckpointError, ConfigError, DataError, EnvError, UserError, one_line,
-                                  warnings_as_lines)
+                                  report, warnings_as_lines)
 from feedbackalign.feedback import last_user_turn
 from feedbackalign.fileio import write_json_atomic
 
@@ -473,8 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         builders.seed_everything(cfg.seed, False)
         (sample if cfg.mode == "sample" else evaluate)(cfg, run_dir)
     except UserError as e:
-        print(f"eval.py: error: {one_line(e)}", file=sys.stderr, flush=True)
-        return 2
+        return report("eval.py", one_line(e))
     except KeyboardInterrupt:
         print("eval.py: interrupted (a file is written whole or not at all)", file=sys.stderr, flush=True)
         return 130

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import compare
 from feedbackalign import labelers
-from feedbackalign.errors import UserError, one_line
+from feedbackalign.errors import UserError, one_line, report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,8 +115,7 @@ def summary(result: labelers.LabelResult, output: Path) -> str:
 
 
 def fail(message: str, code: int) -> int:
-    print(f"label.py: error: {message}", file=sys.stderr, flush=True)
-    return code
+    return report("label.py", message, code)
 
 
 def main(argv: list[str] | None = None) -> int:

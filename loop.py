@@ -53,7 +53,7 @@ import eval as eval_script
 import train as train_script
 from feedbackalign import builders, distributed, labelers, online
 from feedbackalign.configuration import compose
-from feedbackalign.errors import ConfigError, DataError, UserError, one_line
+from feedbackalign.errors import ConfigError, DataError, UserError, one_line, report
 
 EXIT_INCOMPLETE, EXIT_INTERRUPTED = compare.EXIT_INCOMPLETE, compare.EXIT_INTERRUPTED
 
@@ -286,11 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         online.check_loop_settings(cfg)
         Loop(cfg).run()
     except UserError as e:
-        print(f"loop.py: error: {one_line(e)}", file=sys.stderr, flush=True)
-        return 2
+        return report("loop.py", one_line(e))
     except JudgeUnavailable as e:
-        print(f"loop.py: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_INCOMPLETE
+        return report("loop.py", str(e), EXIT_INCOMPLETE)
     except KeyboardInterrupt:
         print("loop.py: interrupted; rerun the same command to continue (finished stages are kept)", file=sys.stderr,
               flush=True)

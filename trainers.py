@@ -333,7 +333,7 @@ class BasicTrainer:
 
     def finish(self, window, evaluated: dict, seconds: float) -> dict:
         """The run's summary (run_summary.summarize), written to <run_dir>/summary.json by rank 0."""
-        eval_examples = 0 if self.eval_loader is None else sum(map(len, self.eval_loader.epoch_batches(0)))
+        eval_examples = 0 if self.eval_loader is None else self.eval_loader.items_per_epoch
         summary = run_summary.summarize(self.config, self.run_dir, steps=self.step, examples=self.examples_seen,
                                         window=window, evaluated=evaluated, eval_examples=eval_examples,
                                         seconds=seconds, skipped_steps=self.nonfinite_total)

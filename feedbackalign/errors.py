@@ -46,6 +46,13 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+def report(program: str, message: str, code: int = USER_ERROR_EXIT) -> int:
+    """Print `<program>: error: <message>` on stderr (the one line every entry point ends a failure with) and
+    return the exit code."""
+    print(f"{program}: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
 @contextmanager
 def exit_on_user_error(program: str, show: bool = True):
     """Print a UserError as `<program>: error: <message>` on stderr and exit 2; let anything else propagate.
@@ -53,9 +60,7 @@ def exit_on_user_error(program: str, show: bool = True):
     try:
         yield
     except UserError as e:
-        if show:
-            print(f"{program}: error: {one_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(USER_ERROR_EXIT)
+        sys.exit(report(program, one_line(e)) if show else USER_ERROR_EXIT)
 
 
 def warnings_as_lines(program: str, show: bool = True) -> None:
